@@ -1,0 +1,212 @@
+"""Dataset and metric helpers shared by deepfusion.py, transfusion.py and bam.py.
+
+Nothing method-specific lives here. Datasets come back as whole uint8 tensors (N, 3, H, W) with
+int64 labels, so a training script can keep them on the GPU and slice batches out of them.
+"""
+
+import os
+import urllib.error
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor
+
+DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
+
+
+class UsageError(Exception):
+    """Bad input from the user. The scripts print it as one line on stderr and exit with status 2."""
+
+
+@dataclass
+class Data:
+    pretrain_x: Tensor  # (N, 3, H, W) uint8: every image used for self-supervised pretraining
+    train_x: Tensor  # (n, 3, H, W) uint8: the labelled train split (a view of pretrain_x's first n)
+    train_y: Tensor  # (n,) int64
+    test_x: Tensor  # (m, 3, H, W) uint8
+    test_y: Tensor  # (m,) int64
+    classes: list
+    mean: tuple  # per-channel mean of pretrain_x in [0, 1]; inputs are (x - mean) / std
+    std: tuple
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def load_dataset(name, data_dir, download=True, image_size=None, num_samples=None):
+    """Load a dataset into memory. Raises UsageError with a one-line reason on bad input.
+
+    name: one of DATASETS. image_size: resize to this side (None: the native size; folders 32).
+    num_samples: keep only the first N training images (pretraining and the labelled train split).
+    STL-10 pretrains on train + unlabeled (the usual choice); its k-NN/linear split is train/test.
+    """
+    if name == "synthetic":
+        train_x, train_y, test_x, test_y, classes = _synthetic(image_size or 32)
+        extra_x = None
+    elif name == "imagefolder":
+        size = image_size or 32
+        train_x, train_y, classes = _image_folder(os.path.join(data_dir, "train"), size)
+        extra_x = None
+        test_x, test_y, test_classes = _image_folder(os.path.join(data_dir, "test"), size)
+        if test_classes != classes:
+            raise UsageError(f"{data_dir}/train and {data_dir}/test have different class folders")
+    elif name in ("cifar10", "cifar100", "stl10"):
+        train_x, train_y, test_x, test_y, extra_x, classes = _torchvision(name, data_dir, download)
+    else:
+        raise UsageError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+
+    if num_samples is not None:
+        if num_samples < 1:
+            raise UsageError(f"--num-samples must be positive, got {num_samples}")
+        train_x, train_y, extra_x = train_x[:num_samples], train_y[:num_samples], None
+    pretrain_x = train_x if extra_x is None else torch.cat([train_x, extra_x])
+    if image_size is not None and pretrain_x.shape[-1] != image_size:
+        pretrain_x, test_x = resize(pretrain_x, image_size), resize(test_x, image_size)
+    train_x = pretrain_x[: len(train_y)]
+
+    sample = pretrain_x[:10_000].float() / 255  # statistics of (at most) the first 10k images
+    mean, std = sample.mean((0, 2, 3)), sample.std((0, 2, 3)).clamp_min(1e-3)
+    return Data(pretrain_x, train_x, train_y, test_x, test_y, list(classes),
+                tuple(mean.tolist()), tuple(std.tolist()))
+
+
+def _torchvision(name, root, download):
+    """CIFAR-10/100 and STL-10 through torchvision's own classes (download and integrity checks)."""
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
+           "stl10": torchvision.datasets.STL10}[name]
+
+    def split(which):
+        kw = {"split": which} if name == "stl10" else {"train": which == "train"}
+        try:
+            ds = cls(root, download=download, **kw)
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+            reason = getattr(e, "reason", e)
+            raise UsageError(f"could not download {name} into {root!r} ({reason}); "
+                             "check the network, or download it by hand and pass --data-dir") from None
+        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+            hint = "" if download else " (--no-download is set)"
+            raise UsageError(f"{name} not found or corrupted in {root!r}{hint}: {e}") from None
+        except OSError as e:
+            raise UsageError(f"cannot read or write {name} in {root!r}: {e}") from None
+        if name == "stl10":  # (N, 3, 96, 96) already; unlabeled images carry label -1
+            return torch.from_numpy(ds.data), torch.as_tensor(ds.labels, dtype=torch.int64), ds.classes
+        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) -> (N, 3, 32, 32)
+        return x, torch.as_tensor(ds.targets, dtype=torch.int64), ds.classes
+
+    train_x, train_y, classes = split("train")
+    test_x, test_y, _ = split("test")
+    extra_x = split("unlabeled")[0] if name == "stl10" else None
+    return train_x, train_y, test_x, test_y, extra_x, classes
+
+
+def _image_folder(root, size):
+    """root/<class>/* -> uint8 (N, 3, size, size): shorter side resized to `size`, then centre-cropped."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isdir(root):
+        raise UsageError(f"image folder {root!r} does not exist (expected DIR/train/<class>/* and DIR/test/<class>/*)")
+    try:
+        folder = torchvision.datasets.ImageFolder(root)
+    except (FileNotFoundError, OSError) as e:  # no class folders, or no image files in them
+        raise UsageError(f"no images in {root!r}: {e}") from None
+    resize_crop = torchvision.transforms.Compose([
+        torchvision.transforms.Resize(size), torchvision.transforms.CenterCrop(size)])
+    x = torch.empty(len(folder.samples), 3, size, size, dtype=torch.uint8)
+    for i, (path, _) in enumerate(folder.samples):
+        try:
+            with Image.open(path) as img:
+                x[i] = torch.from_numpy(np.array(resize_crop(img.convert("RGB")))).permute(2, 0, 1)
+        except (UnidentifiedImageError, OSError) as e:
+            raise UsageError(f"cannot read image {path!r}: {e}") from None
+    return x, torch.as_tensor(folder.targets, dtype=torch.int64), folder.classes
+
+
+def _synthetic(size, n_train=1024, n_test=256, n_classes=10):
+    """Offline stand-in data: each class is a smooth random colour pattern; every image adds its own
+    smooth variation, a random brightness and pixel noise. Learnable, not trivial; always the same."""
+    g = torch.Generator().manual_seed(0)
+    low = lambda n: F.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=(size, size),
+                                  mode="bilinear", align_corners=False)
+    templates = low(n_classes)  # (C, 3, S, S)
+    y = torch.arange(n_train + n_test) % n_classes
+    y = y[torch.randperm(len(y), generator=g)]
+    n = len(y)
+    x = (0.6 * templates[y] + 0.4 * low(n)) * (0.7 + 0.6 * torch.rand(n, 1, 1, 1, generator=g))
+    x = x + 0.05 * torch.randn(x.shape, generator=g)
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    classes = [f"class{c}" for c in range(n_classes)]
+    return x[:n_train], y[:n_train], x[n_train:], y[n_train:], classes
+
+
+def resize(x, size, chunk=4096):
+    """uint8 (N, 3, H, W) -> uint8 (N, 3, size, size), antialiased bilinear."""
+    out = torch.empty(len(x), 3, size, size, dtype=torch.uint8)
+    for i in range(0, len(x), chunk):
+        y = F.interpolate(x[i:i + chunk].float(), size=(size, size), mode="bilinear",
+                          antialias=True, align_corners=False)
+        out[i:i + chunk] = y.round().clamp(0, 255).to(torch.uint8)
+    return out
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+@torch.no_grad()
+def knn_accuracy(train_f, train_y, test_f, test_y, num_classes, k=200, t=0.1, chunk=1024):
+    """Weighted k-NN top-1 accuracy (the protocol of lightly's CIFAR benchmarks).
+
+    Cosine similarity on L2-normalised features; each of the k nearest train samples votes for its
+    class with weight exp(sim / t). k is clipped to the size of the feature bank.
+    """
+    train_f, test_f = F.normalize(train_f.float(), dim=1), F.normalize(test_f.float(), dim=1)
+    k = min(k, len(train_f))
+    correct = 0
+    for i in range(0, len(test_f), chunk):
+        sim, idx = (test_f[i:i + chunk] @ train_f.T).topk(k, dim=1)  # (c, k)
+        votes = torch.zeros(len(sim), num_classes, device=sim.device)
+        votes.scatter_add_(1, train_y[idx], (sim / t).exp())
+        correct += (votes.argmax(1) == test_y[i:i + chunk]).sum().item()
+    return correct / len(test_f)
+
+
+def accuracy(logits, y):
+    """Top-1 accuracy as a float in [0, 1]."""
+    return (logits.argmax(1) == y).float().mean().item()
+
+
+@torch.no_grad()
+def same_class_mass(A, y):
+    """Mean over rows i of sum_{j != i, y_j = y_i} A_ij, for A of shape (..., n, n) with rows summing
+    to (at most) 1. Returns (mass with shape A.shape[:-2], chance): chance is the mass a row would put
+    on its own class if it spread its weight uniformly over the other n - 1 samples."""
+    same = (y[:, None] == y[None, :]).float()
+    same.fill_diagonal_(0)
+    mass = (A.float() * same).sum(-1).mean(-1)
+    chance = (same.sum(1) / (len(y) - 1)).mean().item()
+    return mass, chance
+
+
+def class_sorted(y, n):
+    """Indices of the first n samples, stably sorted by label (for block-structured figures)."""
+    return torch.sort(y[:n], stable=True).indices
+
+
+def save_maps(path, maps, y, cell=2):
+    """Save (L, n, n) non-negative matrices, rows and columns sorted by class label y (n,), side by
+    side as one PNG. Each panel is scaled to its own maximum (square root for contrast); thin red
+    lines mark the class boundaries, so mass inside the diagonal blocks is same-class mass."""
+    maps = maps.detach().float().cpu()
+    maps = (maps / maps.amax((1, 2), keepdim=True).clamp_min(1e-12)).sqrt()
+    img = maps[:, None].repeat(1, 3, 1, 1)  # (L, 3, n, n) grey
+    edges = (y[1:] != y[:-1]).nonzero().flatten().cpu() + 1
+    red = torch.tensor([1.0, 0.0, 0.0])[:, None]
+    for e in edges.tolist():
+        img[:, :, e, :] = red
+        img[:, :, :, e] = red
+    img = img.repeat_interleave(cell, 2).repeat_interleave(cell, 3)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    torchvision.utils.save_image(img, path, nrow=len(img), padding=4, pad_value=1.0)
+
