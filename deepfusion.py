@@ -181,7 +181,7 @@ def colour_matrices(x, g, jitter, jitter_p, gray_p):
     cos, sin = hue.cos(), hue.sin()
     R = torch.zeros(B, 3, 3, device=dev)
     R[:, 0, 0], R[:, 1, 1], R[:, 1, 2], R[:, 2, 1], R[:, 2, 2] = 1, cos, -sin, sin, cos
-    A_hue = torch.linalg.inv(T) @ R @ T
+    A_hue = I + torch.linalg.inv(T) @ (R - torch.eye(3, device=dev)) @ T  # exactly I when hue = 0
     A_bri = bri[:, None, None] * I
     A_con = con[:, None, None] * I
     A_sat = sat[:, None, None] * I + (1 - sat)[:, None, None] * ones_grey
@@ -370,7 +370,8 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes, epochs, seed, ba
 
 
 def fail(msg, status=2):
-    print(f"error: {msg}", file=sys.stderr)
+    """One line on stderr and exit: 2 for bad input, 1 for a failed run."""
+    print("error: " + " ".join(str(msg).split()), file=sys.stderr)
     raise SystemExit(status)
 
 
@@ -397,7 +398,9 @@ def parse_args():
     except FileNotFoundError:
         fail(f"checkpoint {args.resume!r} does not exist")
     except Exception as e:
-        fail(f"cannot read checkpoint {args.resume!r}: {type(e).__name__} {e}".strip())
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        fail(f"cannot read checkpoint {args.resume!r} (truncated, or not written by this script): "
+             f"{type(e).__name__} {first}")
     if ckpt.get("method") != "deepfusion":
         fail(f"{args.resume!r} is a checkpoint of {ckpt.get('method')!r}, not deepfusion")
     return cli(Args(**{**ckpt["args"], "resume": args.resume})), ckpt
@@ -547,7 +550,7 @@ if __name__ == "__main__":
             loss = loss.detach()
             loss_sum += loss
             bad_run = torch.where(torch.isfinite(loss), 0, bad_run + 1)
-            bad_step = torch.where((bad_step < 0) & (bad_run >= patience), step, bad_step)
+            bad_step = torch.where((bad_step < 0) & (bad_run >= patience), step + 1, bad_step)
             step += 1
             if step % args.log_every == 0 or i == steps_per_epoch - 1:  # the only host syncs of the loop
                 if bad_step.item() >= 0:

@@ -1,0 +1,43 @@
+"""Shared test helpers: the repository root on sys.path, and running a method file as a user would."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# The smallest run that still exercises every stage: 16 px synthetic images, 4 steps per epoch.
+TINY = ["--dataset", "synthetic", "--image-size", "16", "--num-samples", "64", "--batch-size", "16",
+        "--epochs", "2", "--linear-epochs", "2", "--eval-every", "1", "--log-every", "2", "--seed", "0"]
+
+
+def run_cli(script, *args, env=None, timeout=300):
+    """Run `python <script> args...` from the repository root; returns the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_dir_of(output_dir):
+    """The one run directory a run wrote under output_dir."""
+    dirs = [os.path.join(output_dir, d) for d in os.listdir(output_dir)]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def assert_usage_error(proc, *words):
+    """Bad input: exit status 2, one line on stderr naming the problem, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for w in words:
+        assert w.lower() in lines[0].lower(), (w, lines[0])
+
+
+@pytest.fixture
+def tiny_args():
+    return list(TINY)

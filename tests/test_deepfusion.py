@@ -1,0 +1,315 @@
+"""deepfusion.py: augmentation, head, loss, the Deep Fusion effect, and the CLI end to end."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms.functional as TF
+
+import common
+import deepfusion as df
+from conftest import TINY, assert_usage_error, run_cli, run_dir_of
+
+
+def _images(n=6, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def test_augment_shape_dtype_range():
+    x = _images(5, 20)
+    v = df.augment(x, torch.Generator().manual_seed(0), 12, scale=(0.2, 1), blur_p=0.5)
+    assert v.shape == (5, 3, 12, 12) and v.dtype == torch.float32
+    assert v.min() >= 0 and v.max() <= 1
+
+
+def test_augment_is_per_sample_random_and_seeded():
+    x = _images(1).repeat(8, 1, 1, 1)  # eight copies of one image
+    v = df.augment(x, torch.Generator().manual_seed(0), 16, scale=(0.2, 1))
+    assert len({tuple(vi.flatten()[:50].tolist()) for vi in v}) == 8  # every copy its own draws
+    y0, x0, h, w = df.crop_boxes(8, (0.2, 1), (3 / 4, 4 / 3), torch.Generator().manual_seed(0), "cpu")
+    assert len(set(h.tolist())) == 8 and len(set(x0.tolist())) == 8  # two samples, two boxes
+    assert ((h <= 1) & (w <= 1) & (y0 >= 0) & (y0 + h <= 1 + 1e-6) & (x0 + w <= 1 + 1e-6)).all()
+    assert ((h * w >= 0.2 - 1e-6) & (h * w <= 1 + 1e-6)).all()
+    again = df.augment(x, torch.Generator().manual_seed(0), 16, scale=(0.2, 1))
+    assert torch.equal(v, again)
+
+
+def test_augment_identity():
+    x = _images(4, 16)
+    v = df.augment(x, torch.Generator().manual_seed(0), 16, scale=(1, 1), ratio=(1, 1), flip_p=0,
+                   jitter_p=0, gray_p=0, blur_p=0)
+    assert torch.equal(v, x.float() / 255)
+
+
+def test_flip_and_grayscale_match_torchvision():
+    x = _images(4, 16)
+    kw = dict(scale=(1, 1), ratio=(1, 1), jitter_p=0, blur_p=0)
+    flipped = df.augment(x, torch.Generator(), 16, flip_p=1, gray_p=0, **kw)
+    assert torch.allclose(flipped, TF.hflip(x.float() / 255))
+    grey = df.augment(x, torch.Generator(), 16, flip_p=0, gray_p=1, **kw)
+    assert torch.allclose(grey, TF.rgb_to_grayscale(x.float() / 255, 3), atol=1e-3)
+
+
+def test_crop_resize_matches_interpolate():
+    # a box of whole pixels, upsampled: the triangle filter is bilinear interpolation
+    x = torch.rand(2, 3, 16, 16)
+    start, length = torch.tensor([0.25, 0.0]), torch.tensor([0.5, 0.5])
+    R = df.resample_matrix(start, length, 16, 16)  # (2, 16, 16)
+    v = R[:, None] @ x @ R.transpose(1, 2)[:, None]
+    crop = torch.stack([x[0, :, 4:12, 4:12], x[1, :, 0:8, 0:8]])
+    ref = F.interpolate(crop, size=(16, 16), mode="bilinear", align_corners=False)
+    # the outermost output pixels read the image just outside the box (as roi_align does), where
+    # crop-then-resize repeats the box's edge; everything inside is the same
+    assert torch.allclose(v[..., 1:-1, 1:-1], ref[..., 1:-1, 1:-1], atol=1e-5)
+    # downscaling by 2 averages pixel pairs (antialiased like PIL, not point-sampled)
+    D = df.resample_matrix(torch.zeros(1), torch.ones(1), 16, 8)[0]
+    assert torch.allclose(D.sum(1), torch.ones(8)) and (D > 0).sum(1).min() >= 2
+
+
+def test_colour_ops_match_torchvision_without_clamping():
+    # one op at a time, factor recovered from the colour matrix, compared with torchvision's op
+    x = torch.rand(6, 3, 8, 8) * 0.5 + 0.25  # mid-range: torchvision's per-op clamp does nothing
+    for which, ref in ((0, TF.adjust_brightness), (1, TF.adjust_contrast), (2, TF.adjust_saturation)):
+        jitter = [0.0, 0.0, 0.0, 0.0]
+        jitter[which] = 0.4
+        M, o = df.colour_matrices(x, torch.Generator().manual_seed(3), jitter, 1.0, 0.0)
+        out = torch.einsum("bij,bjhw->bihw", M, x) + o[:, :, None, None]
+        for b in range(6):
+            factor = M[b, 0, 0].item() if which < 2 else None
+            if which == 2:  # saturation s: M = s I + (1 - s) 1 g^T, so M[0,1] = (1 - s) * 0.587
+                factor = 1 - M[b, 0, 1].item() / df.GREY[1]
+            assert 0.6 - 1e-5 <= factor <= 1.4 + 1e-5
+            assert torch.allclose(out[b], ref(x[b], factor), atol=2e-3), which
+
+
+def test_hue_rotation_keeps_grey_and_luma():
+    x = torch.rand(6, 3, 8, 8)
+    M, o = df.colour_matrices(x, torch.Generator().manual_seed(0), (0, 0, 0, 0.5), 1.0, 0.0)
+    grey = torch.full((3,), 0.5)
+    assert torch.allclose(M @ grey, grey.expand(6, 3), atol=1e-5)  # greys have no hue to rotate
+    luma = torch.tensor(df.GREY)
+    assert torch.allclose(luma @ M, luma.expand(6, 3), atol=2e-3)  # brightness (Y) is kept
+    assert not torch.allclose(M, torch.eye(3).expand(6, 3, 3), atol=1e-2)
+
+
+def test_blur_matrix_rows_are_normalised_and_smooth():
+    G = df.blur_matrix(torch.tensor([0.1, 2.0]), 32)
+    assert torch.allclose(G.sum(-1), torch.ones(2, 32), atol=1e-6)
+    assert torch.allclose(G[0], torch.eye(32), atol=1e-3)  # sigma 0.1: barely a blur
+    assert G[1].diagonal().max() < 0.5
+
+
+# ----------------------------------------------------------------------------- model and loss
+
+
+def test_nt_xent_matches_a_loop():
+    z = torch.randn(8, 5)
+    tau = 0.3
+    zn = z / z.norm(dim=1, keepdim=True)
+    s = lambda i, k: float(zn[i] @ zn[k]) / tau
+    total = 0.0
+    for i in range(8):
+        p = (i + 4) % 8
+        total += -math.log(math.exp(s(i, p)) / sum(math.exp(s(i, k)) for k in range(8) if k != i))
+    assert abs(df.nt_xent(z, tau).item() - total / 8) < 1e-5
+
+
+def test_transformer_head_mixes_samples_and_is_permutation_equivariant():
+    torch.manual_seed(0)
+    head = df.Head("transformer", 32, 2, 4, 16).eval()
+    h = torch.randn(10, 32)
+    z = head(h)
+    h2 = h.clone()
+    h2[0] += 1.0
+    assert not torch.allclose(head(h2)[1], z[1])  # changing sample 0 changes sample 1's output
+    perm = torch.randperm(10)
+    assert torch.allclose(head(h[perm]), z[perm], atol=1e-5)
+    z_w, attn = head(h, need_weights=True)  # explicit attention path == fused path
+    assert torch.allclose(z_w, z, atol=1e-5) and attn.shape == (2, 10, 10)
+    assert torch.allclose(attn.sum(-1), torch.ones(2, 10), atol=1e-5)
+    mlp = df.Head("mlp", 32, 2, 4, 16).eval()  # the baseline head does not mix samples
+    assert torch.allclose(mlp(h2)[1], mlp(h)[1])
+
+
+def test_backbone_state_loads_into_plain_torchvision():
+    net, dim = df.make_backbone("resnet18", 32)
+    ref = torchvision.models.resnet18()
+    ref.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    ref.maxpool, ref.fc = torch.nn.Identity(), torch.nn.Identity()
+    ref.load_state_dict(net.state_dict())
+    assert dim == 512 and net(torch.rand(2, 3, 32, 32)).shape == (2, 512)
+
+
+def _union_of_subspaces(n, D=64, K=4, r=3, noise=0.3, seed=0):
+    """n points from K random r-dim subspaces of R^D, two noisy draws per point as its two views."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(K, D, r, generator=g))[0]
+    def batch():
+        y = torch.arange(n) % K
+        p = torch.einsum("kdr,kr->kd", U[y], torch.randn(n, r, generator=g)) * (D / r) ** 0.5
+        view = lambda: p + noise * torch.randn(n, D, generator=g)
+        return torch.cat([view(), view()]), torch.cat([y, y])
+    return batch
+
+
+def test_deep_fusion_on_a_union_of_subspaces():
+    """The paper's claim in its theory's setting: after training with NT-Xent, attention in deeper
+    layers concentrates on the same subspace; an untrained head shows nothing of the kind."""
+    torch.manual_seed(0)
+    batch = _union_of_subspaces(64)
+    head = df.Head("transformer", 64, 3, 4, 32)
+
+    def mass():
+        h, y = batch()
+        head.eval()
+        with torch.no_grad():
+            _, A = head(h, need_weights=True)
+        head.train()
+        return common.same_class_mass(A, y)
+
+    before, chance = mass()
+    assert (before - chance).abs().max() < 0.02
+    opt = torch.optim.Adam(head.parameters(), lr=1e-3)
+    for _ in range(1000):
+        loss = df.nt_xent(head(batch()[0]), 0.1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after, chance = mass()
+    assert after[-1] > chance + 0.07, (after, chance)
+    assert after[-1] > after[0] + 0.05, after
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_help_lists_every_flag():
+    p = run_cli("deepfusion.py", "--help")
+    assert p.returncode == 0
+    for flag in ("--dataset", "--data-dir", "--no-download", "--image-size", "--backbone", "--num-samples",
+                 "--batch-size", "--epochs", "--seed", "--device", "--amp", "--compile", "--output-dir",
+                 "--resume", "--eval-every", "--linear-epochs", "--knn-k", "--knn-t", "--head", "--head-layers",
+                 "--head-heads", "--tau"):
+        assert flag in p.stdout, flag
+
+
+def test_tiny_run_writes_every_output(tmp_path):
+    p = run_cli("deepfusion.py", *TINY, "--output-dir", tmp_path, "--amp", "bf16", "--head-layers", "2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = run_dir_of(tmp_path)
+    assert os.path.basename(run).startswith("deepfusion__synthetic__0__")
+    for f in ("args.json", "metrics.jsonl", "checkpoint.pt", "backbone.pt", "summary.json",
+              "figures/views.png", "figures/attention_epoch0000.png", "figures/attention_epoch0002.png"):
+        assert os.path.isfile(os.path.join(run, f)), f
+    s = json.load(open(os.path.join(run, "summary.json")))
+    assert 0 <= s["knn_acc"] <= 1 and 0 <= s["linear_acc"] <= 1 and 0 <= s["knn_acc_init"] <= 1
+    assert s["epochs"] == 2 and s["images_per_sec"] > 0
+    assert len(s["same_class_attention"]) == 2 and 0 < s["same_class_chance"] < 1
+    assert json.load(open(os.path.join(run, "args.json")))["amp"] == "bf16"
+    events = [json.loads(line)["event"] for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert events == ["eval", "epoch", "eval", "epoch", "eval", "final"]
+    net = torchvision.models.resnet18()
+    net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    net.maxpool, net.fc = torch.nn.Identity(), torch.nn.Identity()
+    net.load_state_dict(torch.load(os.path.join(run, "backbone.pt"), weights_only=True))
+
+
+def test_resume_gives_identical_weights(tmp_path):
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    fast = ["--head-layers", "1", "--eval-every", "0"]
+    assert run_cli("deepfusion.py", *TINY, *fast, "--output-dir", whole).returncode == 0
+    p = run_cli("deepfusion.py", *TINY, *fast, "--output-dir", part, "--stop-epoch", "1")
+    assert p.returncode == 0 and not os.path.exists(os.path.join(run_dir_of(part), "backbone.pt"))
+    ckpt = os.path.join(run_dir_of(part), "checkpoint.pt")
+    p = run_cli("deepfusion.py", "--resume", ckpt, "--epochs", "2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    a = torch.load(os.path.join(run_dir_of(whole), "backbone.pt"), weights_only=True)
+    b = torch.load(os.path.join(run_dir_of(part), "backbone.pt"), weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa = json.load(open(os.path.join(run_dir_of(whole), "summary.json")))
+    sb = json.load(open(os.path.join(run_dir_of(part), "summary.json")))
+    assert sa["knn_acc"] == sb["knn_acc"] and sa["linear_acc"] == sb["linear_acc"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt")
+    p = run_cli("deepfusion.py", *TINY, "--head-layers", "1", "--eval-every", "0", "--output-dir", out,
+                "--stop-epoch", "1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return os.path.join(run_dir_of(out), "checkpoint.pt")
+
+
+BAD_INPUTS = {
+    "unknown dataset": (["--dataset", "imagenet99"], "invalid choice"),
+    "batch size 1": (TINY + ["--batch-size", "1"], "batch-size"),
+    "batch larger than data": (TINY + ["--batch-size", "128"], "larger than the training set"),
+    "tau 0": (TINY + ["--tau", "0"], "tau"),
+    "tau negative": (TINY + ["--tau", "-0.5"], "tau"),
+    "missing checkpoint": (["--resume", "/nonexistent/checkpoint.pt"], "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_and_status_2(case, tmp_path):
+    args, words = BAD_INPUTS[case]
+    p = run_cli("deepfusion.py", *args, "--output-dir", tmp_path / "runs")
+    assert_usage_error(p, words)
+    assert not os.path.exists(tmp_path / "runs")  # nothing half-written
+
+
+def test_missing_data_with_no_download(tmp_path):
+    p = run_cli("deepfusion.py", "--dataset", "cifar10", "--no-download", "--data-dir", tmp_path,
+                "--output-dir", tmp_path / "runs")
+    assert_usage_error(p, "not found", "--no-download")
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_failed_download(tmp_path):
+    proxy = "http://127.0.0.1:9"  # refuses at once, as a machine without network does
+    p = run_cli("deepfusion.py", "--dataset", "cifar10", "--data-dir", tmp_path, "--output-dir", tmp_path / "runs",
+                env={"http_proxy": proxy, "https_proxy": proxy, "HTTP_PROXY": proxy, "HTTPS_PROXY": proxy})
+    assert_usage_error(p, "could not download cifar10")
+
+
+def test_empty_image_folder(tmp_path):
+    for split in ("train", "test"):
+        (tmp_path / split / "cat").mkdir(parents=True)
+    p = run_cli("deepfusion.py", "--dataset", "imagefolder", "--data-dir", tmp_path, "--output-dir", tmp_path / "runs")
+    assert_usage_error(p, "no images")
+
+
+def test_corrupt_checkpoint(tmp_path):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"\x80\x02 definitely not a checkpoint")
+    assert_usage_error(run_cli("deepfusion.py", "--resume", bad), "cannot read checkpoint")
+
+
+def test_checkpoint_of_another_method(tmp_path, checkpoint):
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["method"] = "bam"
+    torch.save(ckpt, tmp_path / "other.pt")
+    assert_usage_error(run_cli("deepfusion.py", "--resume", tmp_path / "other.pt"), "bam", "not deepfusion")
+
+
+def test_checkpoint_of_another_architecture(checkpoint):
+    assert_usage_error(run_cli("deepfusion.py", "--resume", checkpoint, "--head-layers", "3"), "does not match")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(checkpoint, tmp_path):
+    before = torch.load(checkpoint, weights_only=True)
+    p = run_cli("deepfusion.py", "--resume", checkpoint, "--lr", "1e30")
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert "non-finite loss at step" in p.stderr and "epoch 2" in p.stderr
+    after = torch.load(checkpoint, weights_only=True)
+    assert after["epoch"] == 1 == before["epoch"]
+    assert all(torch.isfinite(v).all() for v in after["model"].values() if v.is_floating_point())
+    assert not os.path.exists(os.path.join(os.path.dirname(checkpoint), "summary.json"))
