@@ -190,8 +190,11 @@ def same_class_mass(A, y):
 
 
 def class_sorted(y, n):
-    """Indices of the first n samples, stably sorted by label (for block-structured figures)."""
-    return torch.sort(y[:n], stable=True).indices
+    """Indices of a class-balanced labelled probe batch of about n samples, sorted by label (for
+    block-structured figures): the first n // C samples of each of the C classes (at least one)."""
+    classes = y.unique()
+    per_class = max(1, n // len(classes))
+    return torch.cat([(y == c).nonzero().flatten()[:per_class] for c in classes])
 
 
 def save_maps(path, maps, y, cell=2):

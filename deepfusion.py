@@ -506,14 +506,12 @@ if __name__ == "__main__":
             with torch.no_grad():
                 _, attn = model.head(extract(model.backbone, test_x[probe], norm, amp_dtype), need_weights=True)
             model.train()
-            mass, chance = common.same_class_mass(attn, test_y[probe])
+            mass, chance = common.same_class_mass(attn, test_y[probe])  # attn (L, n, n)
             out.update(same_class_attention=mass.tolist(), same_class_chance=chance)
             common.save_maps(os.path.join(run_dir, "figures", f"attention_epoch{epoch:04d}.png"), attn, test_y[probe])
         log(**out)
-        print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()
-                       if k != "same_class_attention") +
-              (" same_class_attention " + " ".join(f"{m:.3f}" for m in out["same_class_attention"])
-               if "same_class_attention" in out else ""))
+        print(" ".join(f"{k} " + (" ".join(f"{u:.3f}" for u in v) if isinstance(v, list) else
+                                  f"{v:.4f}" if isinstance(v, float) else f"{v}") for k, v in out.items()))
         return out
 
     if ckpt is None:
@@ -524,7 +522,7 @@ if __name__ == "__main__":
             up = max(1, 96 // size)  # enlarge small images so a person can see the augmentation
             torchvision.utils.save_image(grid.repeat_interleave(up, 2).repeat_interleave(up, 3),
                                          os.path.join(run_dir, "figures", "views.png"), nrow=8)
-        history["knn_acc_init"] = evaluate(0)["knn_acc"]
+        history["init"] = {k: v for k, v in evaluate(0).items() if k not in ("event", "epoch", "step")}
 
     model.train()
     while epoch < args.epochs:
@@ -584,15 +582,13 @@ if __name__ == "__main__":
     train_f, test_f = extract(model.backbone, train_x, norm, amp_dtype), extract(model.backbone, test_x, norm, amp_dtype)
     linear = linear_probe(train_f, train_y, test_f, test_y, n_cls, args.linear_epochs, args.seed)
     torch.save(model.backbone.state_dict(), os.path.join(run_dir, "backbone.pt"))
-    summary = {"knn_acc": final["knn_acc"], "linear_acc": linear, "knn_acc_init": history.get("knn_acc_init"),
+    summary = {"knn_acc": final["knn_acc"], "linear_acc": linear, "init": history.get("init"),
                "epochs": args.epochs, "images_per_sec": history["train_images"] / max(history["train_seconds"], 1e-9),
-               "normalization": {"mean": data.mean, "std": data.std}}
-    for k in ("same_class_attention", "same_class_chance"):
-        if k in final:
-            summary[k] = final[k]
+               "normalization": {"mean": data.mean, "std": data.std},
+               **{k: v for k, v in final.items() if k not in ("event", "epoch", "step", "knn_acc")}}
     log(event="final", **summary)
     with open(os.path.join(run_dir, "summary.json.tmp"), "w") as f:
         json.dump(summary, f, indent=2)
     os.replace(os.path.join(run_dir, "summary.json.tmp"), os.path.join(run_dir, "summary.json"))
     print(f"done: knn_acc {summary['knn_acc']:.4f} linear_acc {linear:.4f} "
-          f"(random init knn {summary['knn_acc_init']}) -> {run_dir}")
+          f"(random init: knn_acc {history['init']['knn_acc']:.4f}) -> {run_dir}")

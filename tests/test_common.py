@@ -149,4 +149,6 @@ def test_save_maps_writes_a_png(tmp_path):
     common.save_maps(str(tmp_path / "f" / "m.png"), torch.rand(3, 5, 5), y)
     with Image.open(tmp_path / "f" / "m.png") as img:
         assert img.mode == "RGB" and img.width > 3 * 5 * 2
-    assert common.class_sorted(torch.tensor([2, 0, 1, 0]), 4).tolist() == [1, 3, 2, 0]
+    y = torch.tensor([2, 0, 1, 0, 0, 2, 1, 0])
+    assert common.class_sorted(y, 6).tolist() == [1, 3, 2, 6, 0, 5]  # two of each class, by class
+    assert common.class_sorted(y, 2).tolist() == [1, 2, 0]  # at least one of each

@@ -1,10 +1,7 @@
 """deepfusion.py: augmentation, head, loss, the Deep Fusion effect, and the CLI end to end."""
 
-import json
 import math
-import os
 
-import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -12,7 +9,6 @@ import torchvision.transforms.functional as TF
 
 import common
 import deepfusion as df
-from conftest import TINY, assert_usage_error, run_cli, run_dir_of
 
 
 def _images(n=6, size=16, seed=0):
@@ -186,130 +182,3 @@ def test_deep_fusion_on_a_union_of_subspaces():
     after, chance = mass()
     assert after[-1] > chance + 0.07, (after, chance)
     assert after[-1] > after[0] + 0.05, after
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def test_help_lists_every_flag():
-    p = run_cli("deepfusion.py", "--help")
-    assert p.returncode == 0
-    for flag in ("--dataset", "--data-dir", "--no-download", "--image-size", "--backbone", "--num-samples",
-                 "--batch-size", "--epochs", "--seed", "--device", "--amp", "--compile", "--output-dir",
-                 "--resume", "--eval-every", "--linear-epochs", "--knn-k", "--knn-t", "--head", "--head-layers",
-                 "--head-heads", "--tau"):
-        assert flag in p.stdout, flag
-
-
-def test_tiny_run_writes_every_output(tmp_path):
-    p = run_cli("deepfusion.py", *TINY, "--output-dir", tmp_path, "--amp", "bf16", "--head-layers", "2")
-    assert p.returncode == 0, p.stderr[-3000:]
-    run = run_dir_of(tmp_path)
-    assert os.path.basename(run).startswith("deepfusion__synthetic__0__")
-    for f in ("args.json", "metrics.jsonl", "checkpoint.pt", "backbone.pt", "summary.json",
-              "figures/views.png", "figures/attention_epoch0000.png", "figures/attention_epoch0002.png"):
-        assert os.path.isfile(os.path.join(run, f)), f
-    s = json.load(open(os.path.join(run, "summary.json")))
-    assert 0 <= s["knn_acc"] <= 1 and 0 <= s["linear_acc"] <= 1 and 0 <= s["knn_acc_init"] <= 1
-    assert s["epochs"] == 2 and s["images_per_sec"] > 0
-    assert len(s["same_class_attention"]) == 2 and 0 < s["same_class_chance"] < 1
-    assert json.load(open(os.path.join(run, "args.json")))["amp"] == "bf16"
-    events = [json.loads(line)["event"] for line in open(os.path.join(run, "metrics.jsonl"))]
-    assert events == ["eval", "epoch", "eval", "epoch", "eval", "final"]
-    net = torchvision.models.resnet18()
-    net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-    net.maxpool, net.fc = torch.nn.Identity(), torch.nn.Identity()
-    net.load_state_dict(torch.load(os.path.join(run, "backbone.pt"), weights_only=True))
-
-
-def test_resume_gives_identical_weights(tmp_path):
-    whole, part = tmp_path / "whole", tmp_path / "part"
-    fast = ["--head-layers", "1", "--eval-every", "0"]
-    assert run_cli("deepfusion.py", *TINY, *fast, "--output-dir", whole).returncode == 0
-    p = run_cli("deepfusion.py", *TINY, *fast, "--output-dir", part, "--stop-epoch", "1")
-    assert p.returncode == 0 and not os.path.exists(os.path.join(run_dir_of(part), "backbone.pt"))
-    ckpt = os.path.join(run_dir_of(part), "checkpoint.pt")
-    p = run_cli("deepfusion.py", "--resume", ckpt, "--epochs", "2")
-    assert p.returncode == 0, p.stderr[-3000:]
-    a = torch.load(os.path.join(run_dir_of(whole), "backbone.pt"), weights_only=True)
-    b = torch.load(os.path.join(run_dir_of(part), "backbone.pt"), weights_only=True)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sa = json.load(open(os.path.join(run_dir_of(whole), "summary.json")))
-    sb = json.load(open(os.path.join(run_dir_of(part), "summary.json")))
-    assert sa["knn_acc"] == sb["knn_acc"] and sa["linear_acc"] == sb["linear_acc"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ckpt")
-    p = run_cli("deepfusion.py", *TINY, "--head-layers", "1", "--eval-every", "0", "--output-dir", out,
-                "--stop-epoch", "1")
-    assert p.returncode == 0, p.stderr[-3000:]
-    return os.path.join(run_dir_of(out), "checkpoint.pt")
-
-
-BAD_INPUTS = {
-    "unknown dataset": (["--dataset", "imagenet99"], "invalid choice"),
-    "batch size 1": (TINY + ["--batch-size", "1"], "batch-size"),
-    "batch larger than data": (TINY + ["--batch-size", "128"], "larger than the training set"),
-    "tau 0": (TINY + ["--tau", "0"], "tau"),
-    "tau negative": (TINY + ["--tau", "-0.5"], "tau"),
-    "missing checkpoint": (["--resume", "/nonexistent/checkpoint.pt"], "does not exist"),
-}
-
-
-@pytest.mark.parametrize("case", BAD_INPUTS)
-def test_bad_input_is_one_line_and_status_2(case, tmp_path):
-    args, words = BAD_INPUTS[case]
-    p = run_cli("deepfusion.py", *args, "--output-dir", tmp_path / "runs")
-    assert_usage_error(p, words)
-    assert not os.path.exists(tmp_path / "runs")  # nothing half-written
-
-
-def test_missing_data_with_no_download(tmp_path):
-    p = run_cli("deepfusion.py", "--dataset", "cifar10", "--no-download", "--data-dir", tmp_path,
-                "--output-dir", tmp_path / "runs")
-    assert_usage_error(p, "not found", "--no-download")
-    assert not os.path.exists(tmp_path / "runs")
-
-
-def test_failed_download(tmp_path):
-    proxy = "http://127.0.0.1:9"  # refuses at once, as a machine without network does
-    p = run_cli("deepfusion.py", "--dataset", "cifar10", "--data-dir", tmp_path, "--output-dir", tmp_path / "runs",
-                env={"http_proxy": proxy, "https_proxy": proxy, "HTTP_PROXY": proxy, "HTTPS_PROXY": proxy})
-    assert_usage_error(p, "could not download cifar10")
-
-
-def test_empty_image_folder(tmp_path):
-    for split in ("train", "test"):
-        (tmp_path / split / "cat").mkdir(parents=True)
-    p = run_cli("deepfusion.py", "--dataset", "imagefolder", "--data-dir", tmp_path, "--output-dir", tmp_path / "runs")
-    assert_usage_error(p, "no images")
-
-
-def test_corrupt_checkpoint(tmp_path):
-    bad = tmp_path / "checkpoint.pt"
-    bad.write_bytes(b"\x80\x02 definitely not a checkpoint")
-    assert_usage_error(run_cli("deepfusion.py", "--resume", bad), "cannot read checkpoint")
-
-
-def test_checkpoint_of_another_method(tmp_path, checkpoint):
-    ckpt = torch.load(checkpoint, weights_only=True)
-    ckpt["method"] = "bam"
-    torch.save(ckpt, tmp_path / "other.pt")
-    assert_usage_error(run_cli("deepfusion.py", "--resume", tmp_path / "other.pt"), "bam", "not deepfusion")
-
-
-def test_checkpoint_of_another_architecture(checkpoint):
-    assert_usage_error(run_cli("deepfusion.py", "--resume", checkpoint, "--head-layers", "3"), "does not match")
-
-
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(checkpoint, tmp_path):
-    before = torch.load(checkpoint, weights_only=True)
-    p = run_cli("deepfusion.py", "--resume", checkpoint, "--lr", "1e30")
-    assert p.returncode == 1 and "Traceback" not in p.stderr
-    assert "non-finite loss at step" in p.stderr and "epoch 2" in p.stderr
-    after = torch.load(checkpoint, weights_only=True)
-    assert after["epoch"] == 1 == before["epoch"]
-    assert all(torch.isfinite(v).all() for v in after["model"].values() if v.is_floating_point())
-    assert not os.path.exists(os.path.join(os.path.dirname(checkpoint), "summary.json"))

@@ -1,0 +1,148 @@
+"""transfusion.py: the fusion and final blocks against their equations, JSD, targets, the subspace check."""
+
+import math
+
+import torch
+
+import common
+import transfusion as tf
+
+
+def _block_by_hand(block, X, final):
+    """The block's equations, one entry at a time."""
+    Y = torch.nn.functional.layer_norm(X, X.shape[1:], block.ln.weight, block.ln.bias)
+    Q, K, V = Y @ block.q.weight.T + block.q.bias, Y @ block.k.weight.T + block.k.bias, None
+    Q, K = Q / Q.norm(dim=1, keepdim=True), K / K.norm(dim=1, keepdim=True)
+    N = len(X)
+    R = torch.zeros(N, N)
+    for i in range(N):
+        for j in range(N):
+            c = (Q[i] @ K[j]).item()
+            R[i, j] = 0.0 if i == j else (max(c, 0.0) if block.score == "relu" else c * c)
+    A = R / (R.sum(1, keepdim=True) + block.eps)
+    if final:
+        return X, A
+    V = Y @ block.v.weight.T + block.v.bias
+    return X + A @ V, A
+
+
+@torch.no_grad()
+def test_blocks_match_their_equations():
+    torch.manual_seed(0)
+    X = torch.randn(7, 6)
+    for score in ("relu", "square"):
+        for final in (False, True):
+            block = tf.FusionBlock(6, score, final)
+            out, A = block(X)
+            ref_out, ref_A = _block_by_hand(block, X, final)
+            assert torch.allclose(A, ref_A, atol=1e-5) and torch.allclose(out, ref_out, atol=1e-5)
+            assert (A >= 0).all() and (A.diagonal() == 0).all()
+            sums = A.sum(1)
+            assert torch.all(((sums - 1).abs() < 1e-4) | (sums == 0))  # rows sum to 1, or 0 if no score > 0
+
+
+def test_row_is_zero_when_every_score_is_non_positive():
+    block = tf.FusionBlock(4, "relu", final=True)
+    with torch.no_grad():  # keys = -queries: every off-diagonal cosine of identical tokens is -1
+        block.k.weight.copy_(-block.q.weight)
+        block.k.bias.copy_(-block.q.bias)
+    _, A = block(torch.ones(3, 4) + torch.arange(4.0))
+    assert torch.equal(A, torch.zeros(3, 3))
+
+
+def test_head_outputs_adjacency_of_every_block():
+    head = tf.TransFusionHead(10, 8, 2, "relu")
+    h = torch.randn(6, 10)
+    maps = head(h, every_block=True)
+    assert maps.shape == (3, 6, 6) and torch.equal(maps[-1], head(h))
+    perm = torch.randperm(6)  # permutation-equivariant: no positional information
+    assert torch.allclose(head(h[perm]), head(h)[perm][:, perm], atol=1e-6)
+
+
+def test_jsd_properties():
+    p = torch.tensor([[0.2, 0.3, 0.5]])
+    assert tf.jsd(p, p).abs().item() < 1e-7
+    a, b = torch.tensor([[0.5, 0.5, 0, 0]]), torch.tensor([[0, 0, 0.3, 0.7]])
+    assert abs(tf.jsd(a, b).item() - math.log(2)) < 1e-6  # disjoint supports
+    q = torch.tensor([[0.6, 0.1, 0.3]])
+    assert abs(tf.jsd(p, q).item() - tf.jsd(q, p).item()) < 1e-7
+    m = (p + q) / 2
+    kl = lambda x, y: sum(float(xi * math.log(xi / yi)) for xi, yi in zip(x[0], y[0]) if xi > 0)
+    assert abs(tf.jsd(p, q).item() - (0.5 * kl(p, m) + 0.5 * kl(q, m))) < 1e-6
+
+
+def test_loss_matches_a_loop():
+    torch.manual_seed(1)
+    A = torch.rand(6, 6).fill_diagonal_(0)
+    A = A / A.sum(1, keepdim=True)
+    A[2] = 0  # a dead row counts as the "none" outcome: JSD log 2
+    T = tf.target_affinity(torch.tensor([0, 1, 2, 0, 1, 2]))
+
+    def jsd(p, q):
+        m = [(x + y) / 2 for x, y in zip(p, q)]
+        kl = lambda x: sum(xi * math.log(xi / mi) for xi, mi in zip(x, m) if xi > 0)
+        return 0.5 * kl(p) + 0.5 * kl(q)
+
+    rows = []
+    for i in range(6):
+        p, q = A[i].tolist(), T[i].tolist()
+        rows.append(jsd(p + [max(0.0, 1 - sum(p))], q + [0.0]))
+    assert abs(rows[2] - math.log(2)) < 1e-6
+    assert abs(tf.jsd_loss(A, T, "rows").item() - sum(rows) / 6) < 1e-6
+    entries = [jsd([A[i, j].item(), 1 - A[i, j].item()], [T[i, j].item(), 1 - T[i, j].item()])
+               for i in range(6) for j in range(6) if i != j]
+    assert abs(tf.jsd_loss(A, T, "elementwise").item() - sum(entries) / len(entries)) < 1e-6
+
+
+def test_target_affinity_views_and_labels():
+    views = tf.target_affinity(torch.arange(3).repeat(2))  # B = 3 images, two views each
+    expected = torch.zeros(6, 6)
+    for i in range(6):
+        expected[i, (i + 3) % 6] = 1
+    assert torch.equal(views, expected)
+    labels = torch.tensor([0, 0, 1, 2, 0, 0, 1, 2][:4]).repeat(2)  # class 2 has one image in the batch
+    T = tf.target_affinity(labels)
+    assert torch.allclose(T.sum(1), torch.ones(8)) and (T.diagonal() == 0).all()
+    assert torch.allclose(T[0], torch.tensor([0, 1, 0, 0, 1, 1, 0, 0]) / 3)
+    assert torch.equal(T[3], torch.eye(8)[7])  # its only partner is its own other view
+    lonely = tf.target_affinity(torch.tensor([0, 1, 1]))  # no partner at all: the row stays 0
+    assert torch.equal(lonely[0], torch.zeros(3))
+    A = torch.full((3, 3), 0.5).fill_diagonal_(0)
+    assert abs(tf.jsd_loss(A, lonely).item() - tf.jsd(A[1:], lonely[1:]).mean().item()) < 1e-6
+
+
+def _union_of_subspaces(n, D=64, K=4, r=3, noise=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(K, D, r, generator=g))[0]
+
+    def batch():
+        y = torch.arange(n) % K
+        p = torch.einsum("kdr,kr->kd", U[y], torch.randn(n, r, generator=g)) * (D / r) ** 0.5
+        view = lambda: p + noise * torch.randn(n, D, generator=g)
+        return torch.cat([view(), view()]), torch.cat([y, y])
+    return batch
+
+
+def test_final_adjacency_becomes_block_diagonal_on_a_union_of_subspaces():
+    """The theory's setting: the head alone, trained with the views target, puts most of each row on
+    the row's own subspace; untrained, it does not. (--score square: with ReLU, rows die here, see README.)"""
+    torch.manual_seed(0)
+    batch = _union_of_subspaces(64)
+    head = tf.TransFusionHead(64, 64, 2, "square")
+    T = tf.target_affinity(torch.arange(64).repeat(2))
+
+    def mass():
+        h, y = batch()
+        with torch.no_grad():
+            return common.same_class_mass(head(h), y)
+
+    before, chance = mass()
+    assert abs(before.item() - chance) < 0.05
+    opt = torch.optim.Adam(head.parameters(), lr=1e-3)
+    for _ in range(300):
+        loss = tf.jsd_loss(head(batch()[0]), T)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after, chance = mass()
+    assert after.item() > 0.6 and after.item() > chance + 0.3, (after, chance)

@@ -1,0 +1,614 @@
+"""TransFusion: contrastive learning with ReLU-attention fusion blocks that output an adjacency matrix.
+
+Huanran Li, Daniel Pimentel-Alarcon, "TransFusion: Contrastive Learning with Transformers",
+arXiv:2403.18681 (v1 2024, v3 2025).
+
+Two augmented views of B images go through a ResNet backbone and a linear stem; the 2B vectors are
+the tokens of one sequence (the batch is the sequence). Fusion blocks are single-head attention with
+the softmax replaced by ReLU of cosine scores (zero diagonal, rows normalised), added residually, no
+FFN. The final block is truncated: its attention matrix A (2B x 2B), the adjacency between samples,
+IS the output. Training minimises the Jensen-Shannon divergence between the rows of A and the rows
+of the target affinity T (which samples belong together: the two views of an image, or with
+--supervised the samples of one class). Only the backbone is kept for downstream use and evaluation.
+
+    python transfusion.py --batch-size 512 --dataset cifar10
+    python transfusion.py --dataset synthetic --epochs 1        # offline smoke run
+"""
+
+import contextlib
+import io
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import tyro
+
+import common
+
+
+@dataclass
+class Args:
+    # ---- generic: identical in transfusion.py, transfusion.py and bam.py
+    dataset: Literal["cifar10", "cifar100", "stl10", "imagefolder", "synthetic"] = "cifar10"
+    """dataset; imagefolder reads DATA_DIR/train/<class>/* and DATA_DIR/test/<class>/*"""
+    data_dir: str = "data"
+    """where datasets are downloaded to / read from"""
+    download: bool = True
+    """download torchvision datasets that are missing from --data-dir"""
+    image_size: Optional[int] = None
+    """resize images to this side length (default: native size; 32 for image folders)"""
+    backbone: Literal["resnet18", "resnet50"] = "resnet18"
+    """torchvision ResNet; images <= 64 px get the CIFAR stem (3x3 conv, no max-pool)"""
+    num_samples: Optional[int] = None
+    """use only the first N training images (default: all)"""
+    batch_size: int = 512
+    """images per optimisation step (each contributes several views)"""
+    epochs: int = 200
+    """training epochs (the learning-rate schedule spans all of them)"""
+    seed: int = 1
+    """random seed (initialisation, data order, augmentation)"""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """auto: cuda when available"""
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    """mixed precision; auto: bf16 (or fp16 with loss scaling) on cuda, off on cpu"""
+    compile: bool = False
+    """torch.compile the model"""
+    output_dir: str = "runs"
+    """parent of the run directories"""
+    resume: Optional[str] = None
+    """checkpoint.pt to continue from (its run directory is reused; flags given now override)"""
+    eval_every: int = 10
+    """k-NN evaluation every N epochs (0: only at the end)"""
+    linear_epochs: int = 100
+    """epochs of the linear probe on frozen features"""
+    knn_k: int = 200
+    """neighbours in the weighted k-NN evaluation"""
+    knn_t: float = 0.1
+    """temperature of the weighted k-NN vote"""
+    log_every: int = 50
+    """print (and sync) the loss every N steps"""
+    stop_epoch: Optional[int] = None
+    """stop after this epoch as if interrupted, keeping the checkpoint (for testing --resume)"""
+    # ---- method: TransFusion
+    fusion_blocks: int = 5
+    """fusion blocks before the final (adjacency) block; the authors' scripts use 5"""
+    width: int = 512
+    """token width d after the linear stem"""
+    supervised: bool = False
+    """target affinity from class labels instead of from the pairing of views"""
+    score: Literal["relu", "square"] = "relu"
+    """score of a cosine: ReLU (paper; rows can die, see README) or its square (authors' dev code)"""
+    jsd: Literal["rows", "elementwise"] = "rows"
+    """loss: mean JSD between rows of A and T (paper), or mean Bernoulli JSD per entry (ablation)"""
+    lr: float = 0.06
+    """SGD learning rate per 256 images (scaled by batch-size / 256)"""
+    momentum: float = 0.9
+    """SGD momentum"""
+    weight_decay: float = 5e-4
+    """SGD weight decay"""
+    warmup_epochs: int = 10
+    """linear warm-up epochs before the cosine decay"""
+    min_scale: Optional[float] = None
+    """smallest crop area fraction (default: 0.2 at <= 64 px, 0.08 above)"""
+    jitter_strength: float = 0.5
+    """colour-distortion strength s: jitter (0.8s, 0.8s, 0.8s, 0.2s), SimCLR's notation"""
+    jitter_p: float = 0.8
+    """probability of colour jitter"""
+    gray_p: float = 0.2
+    """probability of grayscale"""
+    blur_p: Optional[float] = None
+    """probability of Gaussian blur (default: 0 at <= 64 px, 0.5 above)"""
+
+
+# ----------------------------------------------------------------------------- augmentation
+# torchvision's SimCLR pipeline is RandomResizedCrop -> HorizontalFlip -> ColorJitter(p=0.8) ->
+# Grayscale(p=0.2) -> GaussianBlur. Here the same draws are made per sample, but the work is a few
+# batched tensor ops:
+# * crop, resize, flip and blur are linear along each image axis, so for every sample they are one
+#   (size x H) matrix per axis, and the whole view is Ry @ x @ Rx^T (two batched matmuls). Resizing
+#   uses a triangle (bilinear) filter widened when downscaling, i.e. antialiased like PIL's.
+# * brightness, saturation, hue (a rotation in YIQ space, the usual GPU approximation of the HSV hue
+#   shift) and grayscale are 3x3 colour matrices; contrast blends with the image's mean grey level,
+#   which an affine colour map moves affinely. So all colour ops fold into one per-sample affine map
+#   x -> M x + o, applied once. The four jitter ops come in a random order per sample, as in
+#   torchvision's ColorJitter (which draws one order per image).
+# Differences from torchvision: boxes are not rounded to whole pixels; values are clamped to [0, 1]
+# once at the end instead of after every jitter op; blur is applied before the colour ops, which
+# commutes with them up to that clamping; hue is the YIQ rotation.
+
+GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
+RGB2YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+
+
+def crop_boxes(n, scale, ratio, g, device, tries=10):
+    """RandomResizedCrop boxes as fractions of the side: (y0, x0, h, w), each (n,). As torchvision:
+    area ~ U(scale), log aspect ~ U(log ratio); the first of `tries` draws that fits, else the whole image."""
+    area = torch.empty(n, tries, device=device).uniform_(*scale, generator=g)
+    logr = torch.empty(n, tries, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g)
+    w, h = (area * logr.exp()).sqrt(), (area / logr.exp()).sqrt()
+    fits = (w <= 1) & (h <= 1)
+    first = fits.float().argmax(1, keepdim=True)  # index of the first fitting draw (0 if none fits)
+    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
+    w, h = [torch.where(fits.any(1), v, torch.ones_like(v)) for v in (w, h)]
+    y0, x0 = torch.rand(n, device=device, generator=g) * (1 - h), torch.rand(n, device=device, generator=g) * (1 - w)
+    return y0, x0, h, w
+
+
+def resample_matrix(start, length, n_in, n_out):
+    """Per-sample (n_out x n_in) matrices that resample the interval [start, start + length) (fractions
+    of the side) onto n_out pixels with a triangle filter of width max(1, input px per output px)."""
+    step = length * n_in / n_out  # input pixels per output pixel, (B,)
+    centre = start[:, None] * n_in + (torch.arange(n_out, device=start.device) + 0.5) * step[:, None] - 0.5
+    support = step.clamp_min(1)[:, None, None]
+    j = torch.arange(n_in, device=start.device)
+    w = (1 - (j[None, None, :] - centre[:, :, None]).abs() / support).clamp_min(0)  # (B, n_out, n_in)
+    return w / w.sum(-1, keepdim=True)
+
+
+def blur_matrix(sigma, n):
+    """Per-sample (n x n) Gaussian blur matrices, kernel ~10% of the side, reflect padding (torchvision)."""
+    r = max(1, int(0.1 * n) // 2)
+    t = torch.arange(-r, r + 1, device=sigma.device)
+    k = torch.exp(-t[None] ** 2 / (2 * sigma[:, None] ** 2))
+    k = k / k.sum(1, keepdim=True)  # (B, 2r+1)
+    src = torch.arange(n, device=sigma.device)[:, None] + t[None]  # (n, 2r+1), reflect into [0, n)
+    src = torch.where(src < 0, -src, torch.where(src >= n, 2 * (n - 1) - src, src))
+    G = torch.zeros(len(sigma), n, n, device=sigma.device)
+    G.scatter_add_(2, src.expand(len(sigma), n, 2 * r + 1), k[:, None, :].expand(-1, n, -1))
+    return G
+
+
+def colour_matrices(x, g, jitter, jitter_p, gray_p):
+    """Per-sample affine colour map (M (B,3,3), o (B,3)) for jitter in random order, then grayscale."""
+    B, dev = len(x), x.device
+    U = lambda lo, hi: torch.empty(B, device=dev).uniform_(lo, hi, generator=g)
+    on = torch.rand(B, device=dev, generator=g) < jitter_p
+    bri, con, sat = [torch.where(on, U(max(0, 1 - s), 1 + s), 1.0) for s in jitter[:3]]
+    hue = torch.where(on, U(-jitter[3], jitter[3]), 0.0) * 2 * math.pi
+    order = torch.rand(B, 4, device=dev, generator=g).argsort(1)  # per-sample order of the 4 ops
+    I = torch.eye(3, device=dev).expand(B, 3, 3)
+    grey = torch.tensor(GREY, device=dev)
+    ones_grey = torch.ones(3, 1, device=dev) * grey[None]  # 1 g^T: every channel := grey level
+    T = torch.tensor(RGB2YIQ, device=dev)
+    cos, sin = hue.cos(), hue.sin()
+    R = torch.zeros(B, 3, 3, device=dev)
+    R[:, 0, 0], R[:, 1, 1], R[:, 1, 2], R[:, 2, 1], R[:, 2, 2] = 1, cos, -sin, sin, cos
+    A_hue = I + torch.linalg.inv(T) @ (R - torch.eye(3, device=dev)) @ T  # exactly I when hue = 0
+    A_bri = bri[:, None, None] * I
+    A_con = con[:, None, None] * I
+    A_sat = sat[:, None, None] * I + (1 - sat)[:, None, None] * ones_grey
+    mu0 = x.mean((2, 3))  # (B, 3) mean colour of the view before colour ops
+    M, o = I, torch.zeros(B, 3, device=dev)
+    for r in range(4):
+        k = order[:, r, None, None]
+        A = torch.where(k == 0, A_bri, torch.where(k == 1, A_con, torch.where(k == 2, A_sat, A_hue)))
+        mu = (M @ mu0[..., None])[..., 0] + o  # current mean colour
+        d = ((1 - con) * (mu @ grey))[:, None].expand(B, 3) * (order[:, r] == 1)[:, None]  # contrast offset
+        M, o = A @ M, (A @ o[..., None])[..., 0] + d
+    gray = (torch.rand(B, device=dev, generator=g) < gray_p)[:, None, None]
+    G = torch.where(gray, ones_grey.expand(B, 3, 3), I)
+    return G @ M, (G @ o[..., None])[..., 0]
+
+
+def augment(x, g, size, scale, ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter=(0.4, 0.4, 0.4, 0.1),
+            jitter_p=0.8, gray_p=0.2, blur_p=0.0):
+    """uint8 (B, 3, H, W) -> float (B, 3, size, size) in [0, 1]; every sample draws its own crop box,
+    flip, jitter factors and order, grayscale and blur from generator g (on x's device)."""
+    B, _, H, W = x.shape
+    dev = x.device
+    y0, x0, h, w = crop_boxes(B, scale, ratio, g, dev)
+    Ry, Rx = resample_matrix(y0, h, H, size), resample_matrix(x0, w, W, size)
+    flip = (torch.rand(B, device=dev, generator=g) < flip_p)[:, None, None]
+    Rx = torch.where(flip, Rx.flip(1), Rx)  # mirror the output columns
+    blur = (torch.rand(B, device=dev, generator=g) < blur_p)[:, None, None]
+    sigma = torch.empty(B, device=dev).uniform_(0.1, 2.0, generator=g)
+    if blur_p > 0:  # one sigma per sample for both axes, as torchvision's GaussianBlur
+        Gb = blur_matrix(sigma, size)
+        Ry, Rx = torch.where(blur, Gb @ Ry, Ry), torch.where(blur, Gb @ Rx, Rx)
+    v = Ry[:, None] @ (x.float() / 255) @ Rx.transpose(1, 2)[:, None]  # (B, 3, size, size)
+    M, o = colour_matrices(v, g, jitter, jitter_p, gray_p)
+    v = torch.einsum("bij,bjhw->bihw", M, v) + o[:, :, None, None]
+    return v.clamp(0, 1)
+
+
+def views_of(x, g, args, size):
+    """The two SimCLR views of a batch, concatenated: (2B, 3, size, size) in [0, 1]."""
+    small = size <= 64
+    scale = (args.min_scale if args.min_scale is not None else (0.2 if small else 0.08), 1.0)
+    blur_p = args.blur_p if args.blur_p is not None else (0.0 if small else 0.5)
+    s = args.jitter_strength
+    kw = dict(scale=scale, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_p=args.jitter_p,
+              gray_p=args.gray_p, blur_p=blur_p)
+    return torch.cat([augment(x, g, size, **kw), augment(x, g, size, **kw)])
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def make_backbone(name, image_size):
+    """torchvision ResNet with fc = Identity; CIFAR stem for small images. Returns (net, feature dim)."""
+    net = getattr(torchvision.models, name)()
+    if image_size <= 64:
+        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, dim
+
+
+class FusionBlock(nn.Module):
+    """One TransFusion block over the batch (pre-LN, single head, no FFN):
+        Y = LN(X);  Q = rownorm(Y Wq);  K = rownorm(Y Wk);  V = Y Wv
+        R = ReLU(Q K^T) with zero diagonal;  A = R / (rowsum(R) + eps);  X <- X + A V
+    The final block is truncated: it returns A itself (no A V, no residual)."""
+
+    eps = 1e-6  # ours: keeps 1 / rowsum bounded when a row has almost no positive score
+
+    def __init__(self, d, score="relu", final=False):
+        super().__init__()
+        self.score, self.final = score, final
+        self.ln, self.q, self.k = nn.LayerNorm(d), nn.Linear(d, d), nn.Linear(d, d)
+        self.v = None if final else nn.Linear(d, d)
+
+    def forward(self, x):
+        """x (N, d) -> (x', A (N, N)); for the final block x' is x unchanged."""
+        y = self.ln(x)
+        q, k = F.normalize(self.q(y).float(), dim=-1), F.normalize(self.k(y).float(), dim=-1)
+        cos = q @ k.T  # (N, N) cosine scores, fp32 under autocast
+        R = F.relu(cos) if self.score == "relu" else cos.square()  # ReLU instead of softmax
+        R = R * (1 - torch.eye(len(x), device=x.device))  # no self-attention
+        A = R / (R.sum(1, keepdim=True) + self.eps)  # rows sum to 1 (or 0 if no score is positive)
+        return (x, A) if self.final else (x + (A @ self.v(y).float()).to(x.dtype), A)
+
+
+class TransFusionHead(nn.Module):
+    """Linear stem to width d, `blocks` fusion blocks, then the truncated final block."""
+
+    def __init__(self, d_in, width, blocks, score):
+        super().__init__()
+        self.stem = nn.Linear(d_in, width)
+        self.blocks = nn.ModuleList(FusionBlock(width, score) for _ in range(blocks))
+        self.final = FusionBlock(width, score, final=True)
+
+    def forward(self, h, every_block=False):
+        """h (N, D) -> adjacency A (N, N); every_block: the A of every block, (blocks + 1, N, N)."""
+        x, maps = self.stem(h), []
+        for block in [*self.blocks, self.final]:
+            x, A = block(x)
+            maps.append(A)
+        return torch.stack(maps) if every_block else A
+
+
+class TransFusion(nn.Module):
+    def __init__(self, args, image_size):
+        super().__init__()
+        self.backbone, d = make_backbone(args.backbone, image_size)
+        self.head = TransFusionHead(d, args.width, args.fusion_blocks, args.score)
+
+    def forward(self, views):  # (2B, 3, S, S) -> adjacency (2B, 2B)
+        return self.head(self.backbone(views.contiguous(memory_format=torch.channels_last)))
+
+
+def target_affinity(group):
+    """T_ij = 1 if samples i and j belong together (same group id) and i != j, rows normalised to 1.
+    group: (N,) image index (views) or class label (--supervised). A row with no partner stays 0."""
+    T = (group[:, None] == group[None, :]).float()
+    T.fill_diagonal_(0)
+    return T / T.sum(1, keepdim=True).clamp_min(1)
+
+
+def jsd(P, Q, eps=1e-12):
+    """Jensen-Shannon divergence in nats along the last axis: 0.5 KL(P||M) + 0.5 KL(Q||M), M = (P+Q)/2,
+    with 0 log 0 = 0 (the clamp only keeps log finite where the factor in front is 0). <= log 2."""
+    M = (P + Q) / 2
+    kl = lambda X: (X * (X.clamp_min(eps).log() - M.clamp_min(eps).log())).sum(-1)
+    return 0.5 * kl(P) + 0.5 * kl(Q)
+
+
+def jsd_loss(A, T, kind="rows"):
+    """rows: mean over rows i of JSD(A_i, T_i), rows of T with no partner left out (paper).
+    elementwise: mean over i != j of JSD(Bernoulli(A_ij), Bernoulli(T_ij)) (ours, an ablation)."""
+    A, T = A.float(), T.float()
+    if kind == "rows":
+        # A row whose scores are all <= 0 sums to 0, not 1. Such a row would score JSD = 0.5 log 2 against
+        # any target, below a spread-out row, so the loss would drive rows to zero, where ReLU has no
+        # gradient. Ours: complete each row with a "none" outcome of mass 1 - rowsum(A) that the target
+        # never has (the same JSD when rows sum to 1; log 2, the maximum, for a dead row).
+        none = (1 - A.sum(1, keepdim=True)).clamp_min(0)
+        has_partner = (T.sum(1) > 0).float()
+        rows = jsd(torch.cat([A, none], 1), torch.cat([T, torch.zeros_like(none)], 1))
+        return (rows * has_partner).sum() / has_partner.sum().clamp_min(1)
+    off = 1 - torch.eye(len(A), device=A.device)
+    per_entry = jsd(torch.stack([A, 1 - A], -1), torch.stack([T, 1 - T], -1))  # (N, N)
+    return (per_entry * off).sum() / off.sum()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def extract(backbone, x, norm, amp_dtype, batch=512):
+    """Backbone features (N, D) of un-augmented uint8 images, in eval mode."""
+    was_training = backbone.training
+    backbone.eval()
+    feats = []
+    for i in range(0, len(x), batch):
+        with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            xb = norm(x[i:i + batch].float() / 255).contiguous(memory_format=torch.channels_last)
+            feats.append(backbone(xb).float())
+    backbone.train(was_training)
+    return torch.cat(feats)
+
+
+def linear_probe(train_f, train_y, test_f, test_y, num_classes, epochs, seed, batch=1024):
+    """Top-1 test accuracy of a linear classifier trained on frozen, standardised features
+    (Adam 1e-3, cosine; ours: a fast, robust choice for a probe on cached features)."""
+    mu, sd = train_f.mean(0), train_f.std(0).clamp_min(1e-6)
+    train_f, test_f = (train_f - mu) / sd, (test_f - mu) / sd
+    g = torch.Generator(train_f.device).manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # the probe must not consume the training RNG
+        torch.manual_seed(seed)
+        clf = nn.Linear(train_f.shape[1], num_classes).to(train_f.device)
+    opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
+    steps = epochs * math.ceil(len(train_f) / batch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    for _ in range(epochs):
+        perm = torch.randperm(len(train_f), device=train_f.device, generator=g)
+        for i in range(0, len(perm), batch):
+            idx = perm[i:i + batch]
+            loss = F.cross_entropy(clf(train_f[idx]), train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        return common.accuracy(clf(test_f), test_y)
+
+
+# ----------------------------------------------------------------------------- run plumbing
+
+
+def fail(msg, status=2):
+    """One line on stderr and exit: 2 for bad input, 1 for a failed run."""
+    print("error: " + " ".join(str(msg).split()), file=sys.stderr)
+    raise SystemExit(status)
+
+
+def parse_args():
+    """tyro CLI whose errors are one line. With --resume, the checkpoint's arguments are the defaults,
+    so only the flags given now change anything. Returns (args, checkpoint or None)."""
+    def cli(default=None):
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                return tyro.cli(Args, default=default)
+        except SystemExit as e:
+            if e.code:  # tyro draws a box; keep its first sentence on one line
+                text = re.sub(r"[\u2500-\u257f]", " ", err.getvalue())
+                fail(" ".join(text.split()).split(" For full helptext")[0])
+            raise
+
+    args = cli()
+    if args.resume is None:
+        return args, None
+    try:
+        ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
+        assert isinstance(ckpt, dict) and "args" in ckpt and "model" in ckpt
+    except FileNotFoundError:
+        fail(f"checkpoint {args.resume!r} does not exist")
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        fail(f"cannot read checkpoint {args.resume!r} (truncated, or not written by this script): "
+             f"{type(e).__name__} {first}")
+    if ckpt.get("method") != "transfusion":
+        fail(f"{args.resume!r} is a checkpoint of {ckpt.get('method')!r}, not transfusion")
+    return cli(Args(**{**ckpt["args"], "resume": args.resume})), ckpt
+
+
+def check_args(args):
+    for name in ("epochs", "width", "linear_epochs", "knn_k", "log_every"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("knn_t", "lr", "jitter_strength"):
+        if not getattr(args, name) > 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.batch_size < 2:
+        fail(f"--batch-size must be at least 2 (contrastive pairs need other samples), got {args.batch_size}")
+    if args.fusion_blocks < 0 or args.eval_every < 0 or args.warmup_epochs < 0:
+        fail("--fusion-blocks, --eval-every and --warmup-epochs cannot be negative")
+    if args.image_size is not None and args.image_size < 8:
+        fail(f"--image-size must be at least 8, got {args.image_size}")
+    if args.min_scale is not None and not 0 < args.min_scale <= 1:
+        fail(f"--min-scale must be in (0, 1], got {args.min_scale}")
+
+
+def save_checkpoint(path, state):
+    """Atomic: a crash mid-write never leaves a truncated checkpoint.pt."""
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+if __name__ == "__main__":
+    args, ckpt = parse_args()
+    check_args(args)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda but no CUDA device is available")
+    amp = {"auto": ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "off"}.get(
+        args.amp, args.amp)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    torch.manual_seed(args.seed)
+
+    try:
+        data = common.load_dataset(args.dataset, args.data_dir, args.download, args.image_size, args.num_samples)
+    except common.UsageError as e:
+        fail(e)
+    N, size = len(data.pretrain_x), data.pretrain_x.shape[-1]
+    if args.batch_size > N:
+        fail(f"--batch-size {args.batch_size} is larger than the training set ({N} images)")
+    if args.supervised and len(data.train_y) != N:
+        fail(f"--supervised needs a label for every training image; {args.dataset} has unlabeled ones")
+    x_all = data.pretrain_x.to(device)
+    train_x, train_y = x_all[: len(data.train_y)], data.train_y.to(device)
+    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
+    mean = torch.tensor(data.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(data.std, device=device).view(1, 3, 1, 1)
+    norm = lambda v: (v - mean) / std
+    n_cls = len(data.classes)
+    pair = torch.arange(args.batch_size, device=device).repeat(2)  # views mode: group = source image
+    probe = common.class_sorted(data.test_y, 128).to(device)  # labelled images for the adjacency analysis
+
+    model = TransFusion(args, size).to(device).to(memory_format=torch.channels_last)
+    lr = args.lr * args.batch_size / 256  # linear scaling rule
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    g = torch.Generator(device).manual_seed(args.seed)  # data order and augmentation
+    steps_per_epoch = N // args.batch_size  # the last partial batch is dropped
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+    epoch, step, history = 0, 0, {"train_seconds": 0.0, "train_images": 0}
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            fail(f"checkpoint {args.resume!r} does not match this model: {str(e).splitlines()[0]}")
+        scaler.load_state_dict(ckpt["scaler"])
+        epoch, step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        g.set_state(ckpt["rng"]["data"].to(g.get_state().device))
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        run_dir = os.path.dirname(os.path.abspath(args.resume))
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = os.path.join(args.output_dir, f"transfusion__{args.dataset}__{args.seed}__{stamp}")
+        while os.path.exists(run_dir):
+            run_dir += "_"
+    train_model = torch.compile(model) if args.compile else model
+    os.makedirs(os.path.join(run_dir, "figures"), exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=2)
+    metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+    log = lambda **kv: (metrics.write(json.dumps(kv) + "\n"), metrics.flush())
+    print(f"transfusion | {args.dataset} {N} images {size}px | {device} amp={amp} | "
+          f"{steps_per_epoch} steps/epoch | run dir {run_dir}")
+
+    def evaluate(epoch):
+        """k-NN on backbone features; adjacency of every block on two fixed views of the probe batch:
+        same-class mass per block and, for the final block, the mass on each row's partner view."""
+        knn = common.knn_accuracy(extract(model.backbone, train_x, norm, amp_dtype), train_y,
+                                  extract(model.backbone, test_x, norm, amp_dtype), test_y,
+                                  n_cls, args.knn_k, args.knn_t)
+        out = {"event": "eval", "epoch": epoch, "step": step, "knn_acc": knn}
+        pg = torch.Generator(device).manual_seed(args.seed + 2)  # the same views at every evaluation
+        views = norm(views_of(test_x[probe], pg, args, size))  # (2n, ...): view 1 of all, then view 2
+        model.eval()
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                             enabled=amp_dtype is not None):
+            maps = model.head(model.backbone(views.contiguous(memory_format=torch.channels_last)), every_block=True)
+        model.train()
+        y2 = test_y[probe].repeat(2)
+        mass, chance = common.same_class_mass(maps, y2)  # maps (blocks + 1, 2n, 2n)
+        n2 = len(y2)
+        partner = maps[-1, torch.arange(n2), (torch.arange(n2) + n2 // 2) % n2].mean().item()
+        dead = (maps[-1].sum(1) == 0).float().mean().item()  # rows whose every ReLU score is <= 0
+        out.update(same_class_adjacency=mass.tolist(), same_class_chance=chance, partner_mass=partner,
+                   partner_chance=1 / (n2 - 1), dead_rows=dead)
+        order = torch.sort(y2, stable=True).indices  # both views of each class together
+        common.save_maps(os.path.join(run_dir, "figures", f"adjacency_epoch{epoch:04d}.png"),
+                         maps[:, order][:, :, order], y2[order])
+        log(**out)
+        print(" ".join(f"{k} " + (" ".join(f"{u:.3f}" for u in v) if isinstance(v, list) else
+                                  f"{v:.4f}" if isinstance(v, float) else f"{v}") for k, v in out.items()))
+        return out
+
+    if ckpt is None:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            vg = torch.Generator(device).manual_seed(args.seed + 1)  # a figure must not move the training RNG
+            orig = train_x[:8]
+            grid = torch.cat([orig.float() / 255, views_of(orig, vg, args, size)])  # originals, view 1, view 2
+            up = max(1, 96 // size)  # enlarge small images so a person can see the augmentation
+            torchvision.utils.save_image(grid.repeat_interleave(up, 2).repeat_interleave(up, 3),
+                                         os.path.join(run_dir, "figures", "views.png"), nrow=8)
+        history["init"] = {k: v for k, v in evaluate(0).items() if k not in ("event", "epoch", "step")}
+
+    model.train()
+    while epoch < args.epochs:
+        t0, loss_sum = time.time(), torch.zeros((), device=device)
+        bad_run = torch.zeros((), dtype=torch.long, device=device)  # consecutive non-finite losses
+        bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first fatal step, -1: none
+        patience = 10 if amp == "fp16" else 1  # fp16: the GradScaler skips steps before we give up
+        perm = torch.randperm(N, device=device, generator=g)
+        for i in range(steps_per_epoch):
+            idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
+            x = x_all[idx]
+            for group in opt.param_groups:  # warm-up then cosine, a function of the step (resumable)
+                group["lr"] = (lr * (step + 1) / warmup_steps if step < warmup_steps else
+                               lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) /
+                                                        max(1, total_steps - warmup_steps))))
+            views = norm(views_of(x, g, args, size))  # (2B, 3, S, S)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                A = train_model(views)  # (2B, 2B) adjacency of the final block
+            T = target_affinity(train_y[idx].repeat(2) if args.supervised else pair)  # (2B, 2B)
+            loss = jsd_loss(A, T, args.jsd)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            loss = loss.detach()
+            loss_sum += loss
+            bad_run = torch.where(torch.isfinite(loss), 0, bad_run + 1)
+            bad_step = torch.where((bad_step < 0) & (bad_run >= patience), step + 1, bad_step)
+            step += 1
+            if step % args.log_every == 0 or i == steps_per_epoch - 1:  # the only host syncs of the loop
+                if bad_step.item() >= 0:
+                    fail(f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}); stopping. "
+                         f"The last good checkpoint is kept in {run_dir}", status=1)
+                seen = (i + 1) * args.batch_size
+                ips = seen / (time.time() - t0)
+                eta = ((total_steps - step) * args.batch_size) / ips
+                print(f"epoch {epoch + 1}/{args.epochs} step {step} loss {loss.item():.4f} "
+                      f"lr {opt.param_groups[0]['lr']:.4g} {ips:.0f} img/s eta {eta / 60:.1f} min")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.time() - t0
+        history["train_seconds"] += seconds
+        history["train_images"] += steps_per_epoch * args.batch_size
+        epoch += 1
+        log(event="epoch", epoch=epoch, step=step, loss=(loss_sum / steps_per_epoch).item(),
+            lr=opt.param_groups[0]["lr"], seconds=seconds, images_per_sec=steps_per_epoch * args.batch_size / seconds)
+        if args.eval_every and epoch % args.eval_every == 0 and epoch < args.epochs:
+            evaluate(epoch)
+        save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
+            "method": "transfusion", "args": asdict(args), "model": model.state_dict(),
+            "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
+            "history": history, "rng": {"torch": torch.get_rng_state(), "data": g.get_state().cpu(),
+                                        "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}})
+        if args.stop_epoch is not None and epoch >= args.stop_epoch and epoch < args.epochs:
+            print(f"stopped after epoch {epoch} (--stop-epoch); resume with --resume {run_dir}/checkpoint.pt")
+            raise SystemExit(0)
+
+    final = evaluate(args.epochs)
+    train_f, test_f = extract(model.backbone, train_x, norm, amp_dtype), extract(model.backbone, test_x, norm, amp_dtype)
+    linear = linear_probe(train_f, train_y, test_f, test_y, n_cls, args.linear_epochs, args.seed)
+    torch.save(model.backbone.state_dict(), os.path.join(run_dir, "backbone.pt"))
+    summary = {"knn_acc": final["knn_acc"], "linear_acc": linear, "init": history.get("init"),
+               "epochs": args.epochs, "images_per_sec": history["train_images"] / max(history["train_seconds"], 1e-9),
+               "normalization": {"mean": data.mean, "std": data.std},
+               **{k: v for k, v in final.items() if k not in ("event", "epoch", "step", "knn_acc")}}
+    log(event="final", **summary)
+    with open(os.path.join(run_dir, "summary.json.tmp"), "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(os.path.join(run_dir, "summary.json.tmp"), os.path.join(run_dir, "summary.json"))
+    print(f"done: knn_acc {summary['knn_acc']:.4f} linear_acc {linear:.4f} "
+          f"(random init: knn_acc {history['init']['knn_acc']:.4f}) -> {run_dir}")
