@@ -37,7 +37,7 @@ import common
 
 @dataclass
 class Args:
-    # ---- generic: identical in transfusion.py, transfusion.py and bam.py
+    # ---- generic: identical in deepfusion.py, transfusion.py and bam.py
     dataset: Literal["cifar10", "cifar100", "stl10", "imagefolder", "synthetic"] = "cifar10"
     """dataset; imagefolder reads DATA_DIR/train/<class>/* and DATA_DIR/test/<class>/*"""
     data_dir: str = "data"

@@ -21,6 +21,12 @@ METHODS = {
         analysis={"same_class_adjacency": 2, "same_class_chance": None, "partner_mass": None, "dead_rows": None},
         figures=["adjacency_epoch0000.png", "adjacency_epoch0002.png"], other_arch=["--width", "64"],
         bad=[("--width", "0"), ("--fusion-blocks", "-1")]),
+    "bam.py": dict(  # with the EMA teacher, so resume covers its state too
+        fast=["--num-local-crops", "1", "--proj-hidden", "64", "--proj-dim", "32", "--ema-teacher"],
+        analysis={"same_class_target": None, "same_class_chance": None, "sinkhorn_col_dev": None,
+                  "sinkhorn_row_dev": None, "embedding_std": None},
+        figures=["target_source_epoch0000.png", "target_source_epoch0002.png"], other_arch=["--no-ema-teacher"],
+        bad=[("--tau", "0"), ("--lam", "0"), ("--lam", "-1"), ("--sinkhorn-iters", "0")]),
 }
 
 

@@ -1,0 +1,652 @@
+"""BAM: unsupervised representation learning by balanced self-attention matching.
+
+Daniel Shalam, Simon Korman, "Unsupervised Representation Learning by Balanced Self Attention
+Matching", ECCV 2024, arXiv:2408.02014.
+
+Instead of matching the features of two views, BAM matches their self-attention vectors: each crop's
+distribution of similarities to the OTHER images of the batch. Every image gets 2 global crops and a
+few small local crops. The target is the attention of a global crop made balanced (entropy-regularised
+self optimal transport: a few Sinkhorn iterations on exp(S / lambda)) and taken without gradient; the
+source is the plain softmax attention (temperature tau) of every other crop of the same image; the
+loss is their cross-entropy. No negatives, memory bank or asymmetric encoder are needed; an EMA
+teacher (as in the released scripts) is one flag away. Only the backbone is kept for evaluation.
+
+    python bam.py --batch-size 512 --dataset cifar10
+    python bam.py --dataset synthetic --epochs 1        # offline smoke run
+"""
+
+import copy
+import contextlib
+import io
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import tyro
+
+import common
+
+
+@dataclass
+class Args:
+    # ---- generic: identical in deepfusion.py, transfusion.py and bam.py
+    dataset: Literal["cifar10", "cifar100", "stl10", "imagefolder", "synthetic"] = "cifar10"
+    """dataset; imagefolder reads DATA_DIR/train/<class>/* and DATA_DIR/test/<class>/*"""
+    data_dir: str = "data"
+    """where datasets are downloaded to / read from"""
+    download: bool = True
+    """download torchvision datasets that are missing from --data-dir"""
+    image_size: Optional[int] = None
+    """resize images to this side length (default: native size; 32 for image folders)"""
+    backbone: Literal["resnet18", "resnet50"] = "resnet18"
+    """torchvision ResNet; images <= 64 px get the CIFAR stem (3x3 conv, no max-pool)"""
+    num_samples: Optional[int] = None
+    """use only the first N training images (default: all)"""
+    batch_size: int = 512
+    """images per optimisation step (each contributes several views)"""
+    epochs: int = 200
+    """training epochs (the learning-rate schedule spans all of them)"""
+    seed: int = 1
+    """random seed (initialisation, data order, augmentation)"""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """auto: cuda when available"""
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    """mixed precision; auto: bf16 (or fp16 with loss scaling) on cuda, off on cpu"""
+    compile: bool = False
+    """torch.compile the model"""
+    output_dir: str = "runs"
+    """parent of the run directories"""
+    resume: Optional[str] = None
+    """checkpoint.pt to continue from (its run directory is reused; flags given now override)"""
+    eval_every: int = 10
+    """k-NN evaluation every N epochs (0: only at the end)"""
+    linear_epochs: int = 100
+    """epochs of the linear probe on frozen features"""
+    knn_k: int = 200
+    """neighbours in the weighted k-NN evaluation"""
+    knn_t: float = 0.1
+    """temperature of the weighted k-NN vote"""
+    log_every: int = 50
+    """print (and sync) the loss every N steps"""
+    stop_epoch: Optional[int] = None
+    """stop after this epoch as if interrupted, keeping the checkpoint (for testing --resume)"""
+    # ---- method: BAM
+    num_local_crops: int = 4
+    """small crops per image, besides the 2 global crops"""
+    local_size: Optional[int] = None
+    """side of the local crops (default: half the image size; the CIFAR recipe 2 x 32 + 4 x 16 px is ours)"""
+    global_scale: Tuple[float, float] = (0.25, 1.0)
+    """area fraction range of the global crops"""
+    local_scale: Tuple[float, float] = (0.05, 0.25)
+    """area fraction range of the local crops"""
+    proj_hidden: int = 2048
+    """hidden width of the 3-layer GELU projector"""
+    proj_dim: int = 256
+    """output dimension of the projector (embeddings are L2-normalised)"""
+    proj_last_bn: bool = True
+    """non-affine BatchNorm on the projector output (released code's MlpProjHead; see README: without it
+    ResNet-18 collapsed in our checks)"""
+    lam: float = 0.05
+    """entropic regularisation lambda of the Sinkhorn target exp(S / lambda)"""
+    tau: float = 0.1
+    """softmax temperature of the source attention"""
+    sinkhorn_iters: int = 3
+    """Sinkhorn iterations (each: key marginals, then query marginals)"""
+    top_k: int = 0
+    """keep only the top-k entries of each target row (released code; 0 = off, as in the paper)"""
+    ema_teacher: bool = False
+    """EMA teacher for targets and keys (released scripts); off = one network, as the paper's text"""
+    teacher_momentum: float = 0.995
+    """EMA momentum of the teacher at the start; cosine schedule to 1"""
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """AdamW (paper's code) or SGD with momentum 0.9"""
+    lr: float = 1e-3
+    """learning rate per 256 images (scaled by batch-size / 256)"""
+    weight_decay: float = 0.04
+    """weight decay at the start (not on biases and norms)"""
+    weight_decay_end: float = 0.4
+    """weight decay at the end (cosine schedule, as the paper's code)"""
+    warmup_epochs: int = 10
+    """linear warm-up epochs before the cosine decay"""
+    jitter_strength: float = 0.5
+    """colour-distortion strength s: jitter (0.8s, 0.8s, 0.8s, 0.2s)"""
+
+
+# ----------------------------------------------------------------------------- augmentation
+# torchvision's SimCLR pipeline is RandomResizedCrop -> HorizontalFlip -> ColorJitter(p=0.8) ->
+# Grayscale(p=0.2) -> GaussianBlur. Here the same draws are made per sample, but the work is a few
+# batched tensor ops:
+# * crop, resize, flip and blur are linear along each image axis, so for every sample they are one
+#   (size x H) matrix per axis, and the whole view is Ry @ x @ Rx^T (two batched matmuls). Resizing
+#   uses a triangle (bilinear) filter widened when downscaling, i.e. antialiased like PIL's.
+# * brightness, saturation, hue (a rotation in YIQ space, the usual GPU approximation of the HSV hue
+#   shift) and grayscale are 3x3 colour matrices; contrast blends with the image's mean grey level,
+#   which an affine colour map moves affinely. So all colour ops fold into one per-sample affine map
+#   x -> M x + o, applied once. The four jitter ops come in a random order per sample, as in
+#   torchvision's ColorJitter (which draws one order per image).
+# Differences from torchvision: boxes are not rounded to whole pixels; values are clamped to [0, 1]
+# once at the end instead of after every jitter op; blur is applied before the colour ops, which
+# commutes with them up to that clamping; hue is the YIQ rotation.
+
+GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
+RGB2YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+
+
+def crop_boxes(n, scale, ratio, g, device, tries=10):
+    """RandomResizedCrop boxes as fractions of the side: (y0, x0, h, w), each (n,). As torchvision:
+    area ~ U(scale), log aspect ~ U(log ratio); the first of `tries` draws that fits, else the whole image."""
+    area = torch.empty(n, tries, device=device).uniform_(*scale, generator=g)
+    logr = torch.empty(n, tries, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g)
+    w, h = (area * logr.exp()).sqrt(), (area / logr.exp()).sqrt()
+    fits = (w <= 1) & (h <= 1)
+    first = fits.float().argmax(1, keepdim=True)  # index of the first fitting draw (0 if none fits)
+    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
+    w, h = [torch.where(fits.any(1), v, torch.ones_like(v)) for v in (w, h)]
+    y0, x0 = torch.rand(n, device=device, generator=g) * (1 - h), torch.rand(n, device=device, generator=g) * (1 - w)
+    return y0, x0, h, w
+
+
+def resample_matrix(start, length, n_in, n_out):
+    """Per-sample (n_out x n_in) matrices that resample the interval [start, start + length) (fractions
+    of the side) onto n_out pixels with a triangle filter of width max(1, input px per output px)."""
+    step = length * n_in / n_out  # input pixels per output pixel, (B,)
+    centre = start[:, None] * n_in + (torch.arange(n_out, device=start.device) + 0.5) * step[:, None] - 0.5
+    support = step.clamp_min(1)[:, None, None]
+    j = torch.arange(n_in, device=start.device)
+    w = (1 - (j[None, None, :] - centre[:, :, None]).abs() / support).clamp_min(0)  # (B, n_out, n_in)
+    return w / w.sum(-1, keepdim=True)
+
+
+def blur_matrix(sigma, n):
+    """Per-sample (n x n) Gaussian blur matrices, kernel ~10% of the side, reflect padding (torchvision)."""
+    r = max(1, int(0.1 * n) // 2)
+    t = torch.arange(-r, r + 1, device=sigma.device)
+    k = torch.exp(-t[None] ** 2 / (2 * sigma[:, None] ** 2))
+    k = k / k.sum(1, keepdim=True)  # (B, 2r+1)
+    src = torch.arange(n, device=sigma.device)[:, None] + t[None]  # (n, 2r+1), reflect into [0, n)
+    src = torch.where(src < 0, -src, torch.where(src >= n, 2 * (n - 1) - src, src))
+    G = torch.zeros(len(sigma), n, n, device=sigma.device)
+    G.scatter_add_(2, src.expand(len(sigma), n, 2 * r + 1), k[:, None, :].expand(-1, n, -1))
+    return G
+
+
+def colour_matrices(x, g, jitter, jitter_p, gray_p):
+    """Per-sample affine colour map (M (B,3,3), o (B,3)) for jitter in random order, then grayscale."""
+    B, dev = len(x), x.device
+    U = lambda lo, hi: torch.empty(B, device=dev).uniform_(lo, hi, generator=g)
+    on = torch.rand(B, device=dev, generator=g) < jitter_p
+    bri, con, sat = [torch.where(on, U(max(0, 1 - s), 1 + s), 1.0) for s in jitter[:3]]
+    hue = torch.where(on, U(-jitter[3], jitter[3]), 0.0) * 2 * math.pi
+    order = torch.rand(B, 4, device=dev, generator=g).argsort(1)  # per-sample order of the 4 ops
+    I = torch.eye(3, device=dev).expand(B, 3, 3)
+    grey = torch.tensor(GREY, device=dev)
+    ones_grey = torch.ones(3, 1, device=dev) * grey[None]  # 1 g^T: every channel := grey level
+    T = torch.tensor(RGB2YIQ, device=dev)
+    cos, sin = hue.cos(), hue.sin()
+    R = torch.zeros(B, 3, 3, device=dev)
+    R[:, 0, 0], R[:, 1, 1], R[:, 1, 2], R[:, 2, 1], R[:, 2, 2] = 1, cos, -sin, sin, cos
+    A_hue = I + torch.linalg.inv(T) @ (R - torch.eye(3, device=dev)) @ T  # exactly I when hue = 0
+    A_bri = bri[:, None, None] * I
+    A_con = con[:, None, None] * I
+    A_sat = sat[:, None, None] * I + (1 - sat)[:, None, None] * ones_grey
+    mu0 = x.mean((2, 3))  # (B, 3) mean colour of the view before colour ops
+    M, o = I, torch.zeros(B, 3, device=dev)
+    for r in range(4):
+        k = order[:, r, None, None]
+        A = torch.where(k == 0, A_bri, torch.where(k == 1, A_con, torch.where(k == 2, A_sat, A_hue)))
+        mu = (M @ mu0[..., None])[..., 0] + o  # current mean colour
+        d = ((1 - con) * (mu @ grey))[:, None].expand(B, 3) * (order[:, r] == 1)[:, None]  # contrast offset
+        M, o = A @ M, (A @ o[..., None])[..., 0] + d
+    gray = (torch.rand(B, device=dev, generator=g) < gray_p)[:, None, None]
+    G = torch.where(gray, ones_grey.expand(B, 3, 3), I)
+    return G @ M, (G @ o[..., None])[..., 0]
+
+
+def augment(x, g, size, scale, ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter=(0.4, 0.4, 0.4, 0.1),
+            jitter_p=0.8, gray_p=0.2, blur_p=0.0, solarize_p=0.0):
+    """uint8 (B, 3, H, W) -> float (B, 3, size, size) in [0, 1]; every sample draws its own crop box,
+    flip, jitter factors and order, grayscale and blur from generator g (on x's device)."""
+    B, _, H, W = x.shape
+    dev = x.device
+    y0, x0, h, w = crop_boxes(B, scale, ratio, g, dev)
+    Ry, Rx = resample_matrix(y0, h, H, size), resample_matrix(x0, w, W, size)
+    flip = (torch.rand(B, device=dev, generator=g) < flip_p)[:, None, None]
+    Rx = torch.where(flip, Rx.flip(1), Rx)  # mirror the output columns
+    blur = (torch.rand(B, device=dev, generator=g) < blur_p)[:, None, None]
+    sigma = torch.empty(B, device=dev).uniform_(0.1, 2.0, generator=g)
+    if blur_p > 0:  # one sigma per sample for both axes, as torchvision's GaussianBlur
+        Gb = blur_matrix(sigma, size)
+        Ry, Rx = torch.where(blur, Gb @ Ry, Ry), torch.where(blur, Gb @ Rx, Rx)
+    v = Ry[:, None] @ (x.float() / 255) @ Rx.transpose(1, 2)[:, None]  # (B, 3, size, size)
+    M, o = colour_matrices(v, g, jitter, jitter_p, gray_p)
+    v = (torch.einsum("bij,bjhw->bihw", M, v) + o[:, :, None, None]).clamp(0, 1)
+    solar = (torch.rand(B, device=dev, generator=g) < solarize_p)[:, None, None, None]
+    return torch.where(solar & (v >= 0.5), 1 - v, v)  # RandomSolarize(threshold 128 / 255 ~ 0.5)
+
+
+def crops_of(x, g, args, size):
+    """Multi-crop (DINO-style recipe of the paper): global crop 1 blur p 1.0; global crop 2 blur p 0.1,
+    solarise p 0.2; local crops blur p 0.5; no blur at <= 64 px. Returns (globals (2B, 3, S, S),
+    locals (nB, 3, s, s)), crop-major: row v * B + i is crop v of image i."""
+    s, blur = args.jitter_strength, size > 64
+    kw = dict(jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s))
+    glob = torch.cat([augment(x, g, size, args.global_scale, blur_p=1.0 * blur, **kw),
+                      augment(x, g, size, args.global_scale, blur_p=0.1 * blur, solarize_p=0.2, **kw)])
+    small = args.local_size or size // 2
+    local = [augment(x, g, small, args.local_scale, blur_p=0.5 * blur, **kw) for _ in range(args.num_local_crops)]
+    return glob, torch.cat(local) if local else x.new_zeros(0, 3, small, small, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def make_backbone(name, image_size):
+    """torchvision ResNet with fc = Identity; CIFAR stem for small images. Returns (net, feature dim)."""
+    net = getattr(torchvision.models, name)()
+    if image_size <= 64:
+        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, dim
+
+
+def projector(d, hidden, out, last_bn):
+    """3-layer MLP with GELU (paper), optionally ending in a non-affine BatchNorm (released code; ours
+    as default: it centres every output dimension over the batch, which kept ResNet-18 from
+    collapsing to one point in our CPU checks). The caller L2-normalises the output."""
+    layers = [nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, out)]
+    return nn.Sequential(*layers, *([nn.BatchNorm1d(out, affine=False)] if last_bn else []))
+
+
+class BAM(nn.Module):
+    """Student backbone + projector; with --ema-teacher also a teacher copy that gets no gradient."""
+
+    def __init__(self, args, image_size):
+        super().__init__()
+        self.backbone, d = make_backbone(args.backbone, image_size)
+        self.projector = projector(d, args.proj_hidden, args.proj_dim, args.proj_last_bn)
+        self.teacher = None
+        if args.ema_teacher:
+            self.teacher = nn.ModuleDict({"backbone": copy.deepcopy(self.backbone),
+                                          "projector": copy.deepcopy(self.projector)}).requires_grad_(False)
+
+    def forward(self, glob, local):
+        """Crops -> (z (V*B, D) student embeddings of every crop, teacher embeddings of the global
+        crops (2B, D) or None). The backbone runs once per crop size."""
+        embed = lambda net, x: F.normalize(net["projector"](net["backbone"](
+            x.contiguous(memory_format=torch.channels_last))).float(), dim=1)
+        student = {"backbone": self.backbone, "projector": self.projector}
+        z = torch.cat([embed(student, glob)] + ([embed(student, local)] if len(local) else []))
+        if self.teacher is None:
+            return z, None
+        with torch.no_grad():
+            return z, embed(self.teacher, glob)
+
+    @torch.no_grad()
+    def update_teacher(self, m):
+        """teacher <- m * teacher + (1 - m) * student, parameter by parameter (EMA)."""
+        student = [*self.backbone.parameters(), *self.projector.parameters()]
+        teacher = [*self.teacher["backbone"].parameters(), *self.teacher["projector"].parameters()]
+        torch._foreach_lerp_(teacher, student, 1 - m)
+
+    def eval_backbone(self):
+        """The backbone that is evaluated and saved: the teacher's when there is one."""
+        return self.backbone if self.teacher is None else self.teacher["backbone"]
+
+
+def same_image(rows, cols, B, device):
+    """(rows, cols) mask, True where a crop-major query and key come from the same image."""
+    return (torch.arange(rows, device=device) % B)[:, None] == (torch.arange(cols, device=device) % B)[None, :]
+
+
+@torch.no_grad()
+def sinkhorn(S, mask, lam, iters):
+    """Balanced target: P = exp(S / lam) over the unmasked entries, then `iters` alternations of
+    columns (keys) to uniform and rows (queries) to uniform. Log space, fp32: finite for small lam.
+    The last step makes every row sum to 1; masked entries are exactly 0."""
+    with torch.autocast(S.device.type, enabled=False):
+        logP = (S.float() / lam).masked_fill(mask, float("-inf"))
+        for _ in range(iters):
+            logP = logP - logP.logsumexp(0, keepdim=True)  # every key receives the same mass
+            logP = logP - logP.logsumexp(1, keepdim=True)  # every query sends the same mass
+        return logP.exp()
+
+
+def top_k_rows(P, k):
+    """Keep the k largest entries of every row, renormalised (released code's sparsification)."""
+    if not k or k >= P.shape[1]:
+        return P
+    kept = torch.zeros_like(P).scatter_(1, P.topk(k, dim=1).indices, 1.0) * P
+    return kept / kept.sum(1, keepdim=True)
+
+
+def bam_loss(z, keys, target, B, tau):
+    """Cross-entropy between balanced targets and source attention.
+    z (V*B, D) queries of every crop (crop-major); keys (G*B, D) global-crop embeddings;
+    target (G*B, G*B) Sinkhorn rows of the global crops, no gradient.
+    Source: A_v = softmax(z_v K^T / tau) over the keys of OTHER images.
+    loss = mean over g, v != g, i of  -sum_j P_g[i, j] log A_v[i, j]."""
+    V, G = len(z) // B, len(keys) // B
+    mask = same_image(len(z), len(keys), B, z.device)
+    logA = F.log_softmax((z.float() @ keys.float().T / tau).masked_fill(mask, float("-inf")), dim=1)
+    logA = logA.masked_fill(mask, 0.0).view(V, B, G * B)  # 0 * log 0 := 0 on masked entries
+    ce = -torch.einsum("gik,vik->gv", target.view(G, B, G * B), logA) / B  # (G, V) mean over images
+    return (ce.sum() - ce[:, :G].diagonal().sum()) / (G * (V - 1))  # leave out v == g
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def extract(backbone, x, norm, amp_dtype, batch=512):
+    """Backbone features (N, D) of un-augmented uint8 images, in eval mode."""
+    was_training = backbone.training
+    backbone.eval()
+    feats = []
+    for i in range(0, len(x), batch):
+        with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            xb = norm(x[i:i + batch].float() / 255).contiguous(memory_format=torch.channels_last)
+            feats.append(backbone(xb).float())
+    backbone.train(was_training)
+    return torch.cat(feats)
+
+
+def linear_probe(train_f, train_y, test_f, test_y, num_classes, epochs, seed, batch=1024):
+    """Top-1 test accuracy of a linear classifier trained on frozen, standardised features
+    (Adam 1e-3, cosine; ours: a fast, robust choice for a probe on cached features)."""
+    mu, sd = train_f.mean(0), train_f.std(0).clamp_min(1e-6)
+    train_f, test_f = (train_f - mu) / sd, (test_f - mu) / sd
+    g = torch.Generator(train_f.device).manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # the probe must not consume the training RNG
+        torch.manual_seed(seed)
+        clf = nn.Linear(train_f.shape[1], num_classes).to(train_f.device)
+    opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
+    steps = epochs * math.ceil(len(train_f) / batch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    for _ in range(epochs):
+        perm = torch.randperm(len(train_f), device=train_f.device, generator=g)
+        for i in range(0, len(perm), batch):
+            idx = perm[i:i + batch]
+            loss = F.cross_entropy(clf(train_f[idx]), train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        return common.accuracy(clf(test_f), test_y)
+
+
+# ----------------------------------------------------------------------------- run plumbing
+
+
+def fail(msg, status=2):
+    """One line on stderr and exit: 2 for bad input, 1 for a failed run."""
+    print("error: " + " ".join(str(msg).split()), file=sys.stderr)
+    raise SystemExit(status)
+
+
+def parse_args():
+    """tyro CLI whose errors are one line. With --resume, the checkpoint's arguments are the defaults,
+    so only the flags given now change anything. Returns (args, checkpoint or None)."""
+    def cli(default=None):
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                return tyro.cli(Args, default=default)
+        except SystemExit as e:
+            if e.code:  # tyro draws a box; keep its first sentence on one line
+                text = re.sub(r"[\u2500-\u257f]", " ", err.getvalue())
+                fail(" ".join(text.split()).split(" For full helptext")[0])
+            raise
+
+    args = cli()
+    if args.resume is None:
+        return args, None
+    try:
+        ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
+        assert isinstance(ckpt, dict) and "args" in ckpt and "model" in ckpt
+    except FileNotFoundError:
+        fail(f"checkpoint {args.resume!r} does not exist")
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        fail(f"cannot read checkpoint {args.resume!r} (truncated, or not written by this script): "
+             f"{type(e).__name__} {first}")
+    if ckpt.get("method") != "bam":
+        fail(f"{args.resume!r} is a checkpoint of {ckpt.get('method')!r}, not bam")
+    return cli(Args(**{**ckpt["args"], "resume": args.resume})), ckpt
+
+
+def check_args(args):
+    for name in ("epochs", "proj_hidden", "proj_dim", "sinkhorn_iters", "linear_epochs", "knn_k", "log_every"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("tau", "lam", "knn_t", "lr", "jitter_strength"):
+        if not getattr(args, name) > 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.batch_size < 2:
+        fail(f"--batch-size must be at least 2 (contrastive pairs need other samples), got {args.batch_size}")
+    if min(args.num_local_crops, args.top_k, args.eval_every, args.warmup_epochs) < 0:
+        fail("--num-local-crops, --top-k, --eval-every and --warmup-epochs cannot be negative")
+    if args.image_size is not None and args.image_size < 8:
+        fail(f"--image-size must be at least 8, got {args.image_size}")
+    for name in ("global_scale", "local_scale"):
+        lo, hi = getattr(args, name)
+        if not 0 < lo <= hi <= 1:
+            fail(f"--{name.replace('_', '-')} must satisfy 0 < min <= max <= 1, got {lo} {hi}")
+    if not 0 <= args.teacher_momentum <= 1:
+        fail(f"--teacher-momentum must be in [0, 1], got {args.teacher_momentum}")
+    if args.local_size is not None and args.local_size < 8:
+        fail(f"--local-size must be at least 8, got {args.local_size}")
+
+
+def save_checkpoint(path, state):
+    """Atomic: a crash mid-write never leaves a truncated checkpoint.pt."""
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+if __name__ == "__main__":
+    args, ckpt = parse_args()
+    check_args(args)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda but no CUDA device is available")
+    amp = {"auto": ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "off"}.get(
+        args.amp, args.amp)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    torch.manual_seed(args.seed)
+
+    try:
+        data = common.load_dataset(args.dataset, args.data_dir, args.download, args.image_size, args.num_samples)
+    except common.UsageError as e:
+        fail(e)
+    N, size = len(data.pretrain_x), data.pretrain_x.shape[-1]
+    if args.batch_size > N:
+        fail(f"--batch-size {args.batch_size} is larger than the training set ({N} images)")
+    x_all = data.pretrain_x.to(device)
+    train_x, train_y = x_all[: len(data.train_y)], data.train_y.to(device)
+    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
+    mean = torch.tensor(data.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(data.std, device=device).view(1, 3, 1, 1)
+    norm = lambda v: (v - mean) / std
+    n_cls = len(data.classes)
+    G, V = 2, 2 + args.num_local_crops  # global crops, all crops per image
+    mask_vg = same_image(V * args.batch_size, G * args.batch_size, args.batch_size, device)  # built once
+    probe = common.class_sorted(data.test_y, 128).to(device)  # labelled images for the attention analysis
+
+    model = BAM(args, size).to(device).to(memory_format=torch.channels_last)
+    lr = args.lr * args.batch_size / 256  # linear scaling rule
+    student = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in student if p.ndim > 1]},  # weights: decayed
+              {"params": [p for p in student if p.ndim <= 1], "no_decay": True}]  # biases and norms: not
+    opt = (torch.optim.AdamW(groups, lr=lr) if args.optimizer == "adamw" else
+           torch.optim.SGD(groups, lr=lr, momentum=0.9))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    g = torch.Generator(device).manual_seed(args.seed)  # data order and augmentation
+    steps_per_epoch = N // args.batch_size  # the last partial batch is dropped
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+    epoch, step, history = 0, 0, {"train_seconds": 0.0, "train_images": 0}
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            fail(f"checkpoint {args.resume!r} does not match this model: {str(e).splitlines()[0]}")
+        scaler.load_state_dict(ckpt["scaler"])
+        epoch, step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        g.set_state(ckpt["rng"]["data"].to(g.get_state().device))
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        run_dir = os.path.dirname(os.path.abspath(args.resume))
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = os.path.join(args.output_dir, f"bam__{args.dataset}__{args.seed}__{stamp}")
+        while os.path.exists(run_dir):
+            run_dir += "_"
+    train_model = torch.compile(model) if args.compile else model
+    os.makedirs(os.path.join(run_dir, "figures"), exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=2)
+    metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+    log = lambda **kv: (metrics.write(json.dumps(kv) + "\n"), metrics.flush())
+    print(f"bam | {args.dataset} {N} images {size}px | {device} amp={amp} | "
+          f"{steps_per_epoch} steps/epoch | run dir {run_dir}")
+
+    def evaluate(epoch):
+        """k-NN on backbone features; on two fixed global crops of the probe batch: the balanced target
+        P and the source attention A, how balanced P is, its same-class mass, and the embedding spread."""
+        net = model.eval_backbone()
+        knn = common.knn_accuracy(extract(net, train_x, norm, amp_dtype), train_y,
+                                  extract(net, test_x, norm, amp_dtype), test_y, n_cls, args.knn_k, args.knn_t)
+        out = {"event": "eval", "epoch": epoch, "step": step, "knn_acc": knn}
+        pg = torch.Generator(device).manual_seed(args.seed + 2)  # the same crops at every evaluation
+        glob, _ = crops_of(test_x[probe], pg, args, size)
+        n = len(probe)
+        model.eval()
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                             enabled=amp_dtype is not None):
+            z, zt = model(norm(glob), glob[:0])
+        model.train()
+        keys = z if zt is None else zt  # (2n, D)
+        S, mask = keys @ keys.T, same_image(2 * n, 2 * n, n, device)
+        P = sinkhorn(S, mask, args.lam, args.sinkhorn_iters)
+        A = torch.softmax((z @ keys.T / args.tau).masked_fill(mask, float("-inf")), dim=1)
+        y2 = test_y[probe].repeat(2)
+        mass, chance = common.same_class_mass(torch.stack([P, A]), y2)
+        out.update(same_class_target=mass[0].item(), same_class_source=mass[1].item(), same_class_chance=chance,
+                   sinkhorn_row_dev=(P.sum(1) - 1).abs().max().item(),  # uniform: every row and column sums to 1
+                   sinkhorn_col_dev=(P.sum(0) - 1).abs().max().item(),
+                   embedding_std=z.std(0).mean().item(), embedding_std_uniform=1 / math.sqrt(z.shape[1]))
+        order = torch.sort(y2, stable=True).indices  # both crops of each class together
+        common.save_maps(os.path.join(run_dir, "figures", f"target_source_epoch{epoch:04d}.png"),
+                         torch.stack([P, A])[:, order][:, :, order], y2[order])
+        log(**out)
+        print(" ".join(f"{k} " + (" ".join(f"{u:.3f}" for u in v) if isinstance(v, list) else
+                                  f"{v:.4f}" if isinstance(v, float) else f"{v}") for k, v in out.items()))
+        return out
+
+    if ckpt is None:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            vg = torch.Generator(device).manual_seed(args.seed + 1)  # a figure must not move the training RNG
+            orig = train_x[:8]
+            glob, local = crops_of(orig, vg, args, size)  # originals, 2 global rows, local rows (padded)
+            pad = (size - local.shape[-1]) // 2
+            grid = torch.cat([orig.float() / 255, glob, F.pad(local, [pad, size - local.shape[-1] - pad] * 2, value=1.0)])
+            up = max(1, 96 // size)  # enlarge small images so a person can see the augmentation
+            torchvision.utils.save_image(grid.repeat_interleave(up, 2).repeat_interleave(up, 3),
+                                         os.path.join(run_dir, "figures", "views.png"), nrow=8)
+        history["init"] = {k: v for k, v in evaluate(0).items() if k not in ("event", "epoch", "step")}
+
+    model.train()
+    while epoch < args.epochs:
+        t0, loss_sum = time.time(), torch.zeros((), device=device)
+        bad_run = torch.zeros((), dtype=torch.long, device=device)  # consecutive non-finite losses
+        bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first fatal step, -1: none
+        patience = 10 if amp == "fp16" else 1  # fp16: the GradScaler skips steps before we give up
+        perm = torch.randperm(N, device=device, generator=g)
+        for i in range(steps_per_epoch):
+            x = x_all[perm[i * args.batch_size:(i + 1) * args.batch_size]]
+            cos = 0.5 * (1 + math.cos(math.pi * step / max(1, total_steps)))  # 1 -> 0 over the run
+            for group in opt.param_groups:  # schedules are functions of the step (resumable)
+                group["lr"] = (lr * (step + 1) / warmup_steps if step < warmup_steps else
+                               lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) /
+                                                        max(1, total_steps - warmup_steps))))
+                group["weight_decay"] = 0.0 if group.get("no_decay") else (
+                    args.weight_decay_end + (args.weight_decay - args.weight_decay_end) * cos)
+            glob, local = crops_of(x, g, args, size)  # (2B, 3, S, S), (nB, 3, s, s)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                z, zt = train_model(norm(glob), norm(local))  # (V*B, D) student, (2B, D) teacher or None
+            keys = z[: G * args.batch_size] if zt is None else zt  # (2B, D) global crops of the batch
+            # Sinkhorn over every query row (as the released code), or over the teacher's global rows;
+            # the global rows are the targets
+            S_target = z.detach() @ keys.detach().T if zt is None else zt @ zt.T  # (V*B or 2B, 2B)
+            P = sinkhorn(S_target, mask_vg[: len(S_target)], args.lam, args.sinkhorn_iters)
+            target = top_k_rows(P[: G * args.batch_size], args.top_k)
+            loss = bam_loss(z, keys, target, args.batch_size, args.tau)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            if model.teacher is not None:  # momentum 0.995 -> 1, cosine (released scripts)
+                m = 1 - (1 - args.teacher_momentum) * cos
+                model.update_teacher(m)
+            loss = loss.detach()
+            loss_sum += loss
+            bad_run = torch.where(torch.isfinite(loss), 0, bad_run + 1)
+            bad_step = torch.where((bad_step < 0) & (bad_run >= patience), step + 1, bad_step)
+            step += 1
+            if step % args.log_every == 0 or i == steps_per_epoch - 1:  # the only host syncs of the loop
+                if bad_step.item() >= 0:
+                    fail(f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}); stopping. "
+                         f"The last good checkpoint is kept in {run_dir}", status=1)
+                seen = (i + 1) * args.batch_size
+                ips = seen / (time.time() - t0)
+                eta = ((total_steps - step) * args.batch_size) / ips
+                print(f"epoch {epoch + 1}/{args.epochs} step {step} loss {loss.item():.4f} "
+                      f"lr {opt.param_groups[0]['lr']:.4g} {ips:.0f} img/s eta {eta / 60:.1f} min")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.time() - t0
+        history["train_seconds"] += seconds
+        history["train_images"] += steps_per_epoch * args.batch_size
+        epoch += 1
+        log(event="epoch", epoch=epoch, step=step, loss=(loss_sum / steps_per_epoch).item(),
+            lr=opt.param_groups[0]["lr"], seconds=seconds, images_per_sec=steps_per_epoch * args.batch_size / seconds)
+        if args.eval_every and epoch % args.eval_every == 0 and epoch < args.epochs:
+            evaluate(epoch)
+        save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
+            "method": "bam", "args": asdict(args), "model": model.state_dict(),
+            "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
+            "history": history, "rng": {"torch": torch.get_rng_state(), "data": g.get_state().cpu(),
+                                        "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}})
+        if args.stop_epoch is not None and epoch >= args.stop_epoch and epoch < args.epochs:
+            print(f"stopped after epoch {epoch} (--stop-epoch); resume with --resume {run_dir}/checkpoint.pt")
+            raise SystemExit(0)
+
+    final = evaluate(args.epochs)
+    net = model.eval_backbone()
+    train_f, test_f = extract(net, train_x, norm, amp_dtype), extract(net, test_x, norm, amp_dtype)
+    linear = linear_probe(train_f, train_y, test_f, test_y, n_cls, args.linear_epochs, args.seed)
+    torch.save(net.state_dict(), os.path.join(run_dir, "backbone.pt"))
+    summary = {"knn_acc": final["knn_acc"], "linear_acc": linear, "init": history.get("init"),
+               "epochs": args.epochs, "images_per_sec": history["train_images"] / max(history["train_seconds"], 1e-9),
+               "normalization": {"mean": data.mean, "std": data.std},
+               **{k: v for k, v in final.items() if k not in ("event", "epoch", "step", "knn_acc")}}
+    log(event="final", **summary)
+    with open(os.path.join(run_dir, "summary.json.tmp"), "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(os.path.join(run_dir, "summary.json.tmp"), os.path.join(run_dir, "summary.json"))
+    print(f"done: knn_acc {summary['knn_acc']:.4f} linear_acc {linear:.4f} "
+          f"(random init: knn_acc {history['init']['knn_acc']:.4f}) -> {run_dir}")
