@@ -228,7 +228,7 @@ def augment(x, g, size, scale, ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter=(0.4, 0.
         Ry, Rx = torch.where(blur, Gb @ Ry, Ry), torch.where(blur, Gb @ Rx, Rx)
     v = Ry[:, None] @ (x.float() / 255) @ Rx.transpose(1, 2)[:, None]  # (B, 3, size, size)
     M, o = colour_matrices(v, g, jitter, jitter_p, gray_p)
-    v = (torch.einsum("bij,bjhw->bihw", M, v) + o[:, :, None, None]).clamp(0, 1)
+    v = torch.baddbmm(o[:, :, None], M, v.reshape(B, 3, -1)).view(B, 3, size, size).clamp_(0, 1)  # M v + o
     solar = (torch.rand(B, device=dev, generator=g) < solarize_p)[:, None, None, None]
     return torch.where(solar & (v >= 0.5), 1 - v, v)  # RandomSolarize(threshold 128 / 255 ~ 0.5)
 

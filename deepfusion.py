@@ -215,8 +215,7 @@ def augment(x, g, size, scale, ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter=(0.4, 0.
         Ry, Rx = torch.where(blur, Gb @ Ry, Ry), torch.where(blur, Gb @ Rx, Rx)
     v = Ry[:, None] @ (x.float() / 255) @ Rx.transpose(1, 2)[:, None]  # (B, 3, size, size)
     M, o = colour_matrices(v, g, jitter, jitter_p, gray_p)
-    v = torch.einsum("bij,bjhw->bihw", M, v) + o[:, :, None, None]
-    return v.clamp(0, 1)
+    return torch.baddbmm(o[:, :, None], M, v.reshape(B, 3, -1)).view(B, 3, size, size).clamp_(0, 1)  # M v + o
 
 
 def views_of(x, g, args, size):
@@ -421,6 +420,9 @@ def check_args(args):
         fail(f"--image-size must be at least 8, got {args.image_size}")
     if args.min_scale is not None and not 0 < args.min_scale <= 1:
         fail(f"--min-scale must be in (0, 1], got {args.min_scale}")
+    for name in ("jitter_p", "gray_p", "blur_p"):
+        if getattr(args, name) is not None and not 0 <= getattr(args, name) <= 1:
+            fail(f"--{name.replace('_', '-')} is a probability, got {getattr(args, name)}")
     width = {"resnet18": 512, "resnet50": 2048}[args.backbone]
     if args.head == "transformer" and width % args.head_heads:
         fail(f"--head-heads must divide the backbone width {width}, got {args.head_heads}")

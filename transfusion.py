@@ -216,8 +216,7 @@ def augment(x, g, size, scale, ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter=(0.4, 0.
         Ry, Rx = torch.where(blur, Gb @ Ry, Ry), torch.where(blur, Gb @ Rx, Rx)
     v = Ry[:, None] @ (x.float() / 255) @ Rx.transpose(1, 2)[:, None]  # (B, 3, size, size)
     M, o = colour_matrices(v, g, jitter, jitter_p, gray_p)
-    v = torch.einsum("bij,bjhw->bihw", M, v) + o[:, :, None, None]
-    return v.clamp(0, 1)
+    return torch.baddbmm(o[:, :, None], M, v.reshape(B, 3, -1)).view(B, 3, size, size).clamp_(0, 1)  # M v + o
 
 
 def views_of(x, g, args, size):
@@ -429,6 +428,9 @@ def check_args(args):
         fail(f"--image-size must be at least 8, got {args.image_size}")
     if args.min_scale is not None and not 0 < args.min_scale <= 1:
         fail(f"--min-scale must be in (0, 1], got {args.min_scale}")
+    for name in ("jitter_p", "gray_p", "blur_p"):
+        if getattr(args, name) is not None and not 0 <= getattr(args, name) <= 1:
+            fail(f"--{name.replace('_', '-')} is a probability, got {getattr(args, name)}")
 
 
 def save_checkpoint(path, state):
@@ -524,6 +526,9 @@ if __name__ == "__main__":
         dead = (maps[-1].sum(1) == 0).float().mean().item()  # rows whose every ReLU score is <= 0
         out.update(same_class_adjacency=mass.tolist(), same_class_chance=chance, partner_mass=partner,
                    partner_chance=1 / (n2 - 1), dead_rows=dead)
+        if dead > 0.5:
+            print(f"warning: {dead:.0%} of the final block's rows are dead (every ReLU score <= 0, no gradient); "
+                  "--score square does not have this failure (see README)", file=sys.stderr)
         order = torch.sort(y2, stable=True).indices  # both views of each class together
         common.save_maps(os.path.join(run_dir, "figures", f"adjacency_epoch{epoch:04d}.png"),
                          maps[:, order][:, :, order], y2[order])
