@@ -213,7 +213,9 @@ def augment(x, g, size, scale, ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter=(0.4, 0.
     if blur_p > 0:  # one sigma per sample for both axes, as torchvision's GaussianBlur
         Gb = blur_matrix(sigma, size)
         Ry, Rx = torch.where(blur, Gb @ Ry, Ry), torch.where(blur, Gb @ Rx, Rx)
-    v = Ry[:, None] @ (x.float() / 255) @ Rx.transpose(1, 2)[:, None]  # (B, 3, size, size)
+    v = torch.bmm(Ry, x.permute(0, 2, 1, 3).reshape(B, H, 3 * W).float().div_(255))  # rows: (B, size, 3W)
+    v = torch.bmm(v.view(B, size, 3, W).transpose(1, 2).reshape(B, 3 * size, W), Rx.transpose(1, 2))  # columns
+    v = v.view(B, 3, size, size)
     M, o = colour_matrices(v, g, jitter, jitter_p, gray_p)
     return torch.baddbmm(o[:, :, None], M, v.reshape(B, 3, -1)).view(B, 3, size, size).clamp_(0, 1)  # M v + o
 
@@ -519,7 +521,7 @@ if __name__ == "__main__":
     if ckpt is None:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             vg = torch.Generator(device).manual_seed(args.seed + 1)  # a figure must not move the training RNG
-            orig = train_x[:8]
+            orig = train_x[:: max(1, len(train_x) // 8)][:8]  # spread over the set (folders are class-sorted)
             grid = torch.cat([orig.float() / 255, views_of(orig, vg, args, size)])  # originals, view 1, view 2
             up = max(1, 96 // size)  # enlarge small images so a person can see the augmentation
             torchvision.utils.save_image(grid.repeat_interleave(up, 2).repeat_interleave(up, 3),

@@ -1,0 +1,239 @@
+"""Speed and memory of the three method files, measured side by side in one run (run by hand).
+
+    python tests/benchmark.py                       # CPU, batch 256, ResNet-18
+    python tests/benchmark.py --device cuda         # adds images/s and s/epoch with bf16 (+ --compile)
+
+Prints a table and writes benchmark.json. Every figure is a median over --repeats after a warm-up:
+1. augmentation: each file's batched augmentation against torchvision's per-image PIL pipeline with the
+   same operations (one process, --threads threads), views per second and the ratio;
+2. step overhead: one full training step (augmentation, backbone, head, loss, backward, optimizer) over a
+   backbone-only step (forward, trivial loss, backward, optimizer) on the same views, crop sizes and AMP;
+3. peak memory of the full step (CPU: peak RSS increase of a fresh process; CUDA: max_memory_allocated);
+4. CUDA only: training images per second and seconds per CIFAR-10 epoch, bf16, channels_last,
+   without and with torch.compile.
+This file is not collected by pytest (its name does not start with test_).
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+import tyro
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import bam  # noqa: E402
+import common  # noqa: E402
+import deepfusion  # noqa: E402
+import transfusion  # noqa: E402
+
+METHODS = ("deepfusion", "transfusion", "bam")
+
+
+@dataclass
+class Bench:
+    device: Literal["cpu", "cuda"] = "cpu"
+    """device of the training step"""
+    batch_size: int = 256
+    """images per step"""
+    backbone: Literal["resnet18", "resnet50"] = "resnet18"
+    """torchvision ResNet"""
+    repeats: int = 5
+    """timed repeats per figure (the median is reported); one warm-up run is not counted"""
+    threads: int = 1
+    """torch threads for the augmentation comparison (the PIL pipeline runs on one)"""
+    images: Optional[str] = None
+    """image folder (DIR/train/<class>/*) of real 32 px images; default: ../shared/data/cifar10-mini if
+    present, else synthetic images"""
+    amp: Literal["off", "bf16"] = "off"
+    """autocast for the step figures (CPU default off, as the training scripts' --amp auto)"""
+    memory_of: Optional[str] = None
+    """internal: measure the peak memory of one method's step in this (fresh) process"""
+
+
+def median_seconds(fn, repeats, sync):
+    fn()  # warm-up
+    sync()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def pil_pipeline(size, scale, blur=False, solarize=0.0):
+    """torchvision's per-image SimCLR/DINO pipeline with the operations our batched code does."""
+    import torchvision.transforms as T
+    ops = [T.RandomResizedCrop(size, scale=scale), T.RandomHorizontalFlip(),
+           T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(0.2)]
+    if blur:
+        ops.append(T.RandomApply([T.GaussianBlur(3, (0.1, 2.0))], p=0.5))
+    if solarize:
+        ops.append(T.RandomSolarize(128, p=solarize))
+    return T.Compose(ops + [T.ToTensor()])
+
+
+def method_parts(name, args, x, device):
+    """(augment: x -> inputs, full_step: () -> None, backbone_step_inputs, model) for one method, built
+    from the file's own components exactly as its training loop uses them."""
+    mod = {"deepfusion": deepfusion, "transfusion": transfusion, "bam": bam}[name]
+    size = x.shape[-1]
+    g = torch.Generator(device).manual_seed(0)
+    model = {"deepfusion": deepfusion.DeepFusion, "transfusion": transfusion.TransFusion, "bam": bam.BAM}[name](
+        args, size).to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    B = len(x)
+    pair = torch.arange(B, device=device).repeat(2)
+    mask = bam.same_image((2 + args.num_local_crops) * B, 2 * B, B, device) if name == "bam" else None
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bench.amp == "bf16")
+
+    def augment():
+        return mod.crops_of(x, g, args, size) if name == "bam" else (mod.views_of(x, g, args, size),)
+
+    def full_step():
+        crops = augment()
+        with torch.autocast(**amp):
+            out = model(*crops)
+        if name == "deepfusion":
+            loss = deepfusion.nt_xent(out, args.tau)
+        elif name == "transfusion":
+            loss = transfusion.jsd_loss(out, transfusion.target_affinity(pair))
+        else:
+            z, _ = out
+            keys = z[: 2 * B]
+            P = bam.sinkhorn(z.detach() @ keys.detach().T, mask, args.lam, args.sinkhorn_iters)[: 2 * B]
+            loss = bam.bam_loss(z, keys, P, B, args.tau)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return augment, full_step, [c.detach().clone() for c in augment()], model
+
+
+def backbone_step(model, inputs, device):
+    """Backbone only on the same crops: forward, a trivial loss, backward, optimizer."""
+    opt = torch.optim.SGD(model.backbone.parameters(), lr=1e-3, momentum=0.9)
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bench.amp == "bf16")
+
+    def step():
+        with torch.autocast(**amp):
+            loss = sum(model.backbone(c.contiguous(memory_format=torch.channels_last)).float().square().mean()
+                       for c in inputs if len(c))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def method_args(name, backbone):
+    return {"deepfusion": deepfusion.Args, "transfusion": transfusion.Args, "bam": bam.Args}[name](backbone=backbone)
+
+
+def load_images(n):
+    folder = bench.images or os.path.join(ROOT, "..", "shared", "data", "cifar10-mini")
+    if os.path.isdir(os.path.join(folder, "train")):
+        return common.load_dataset("imagefolder", folder, image_size=32).train_x[:n], f"real 32 px images from {folder}"
+    return common.load_dataset("synthetic", "unused", image_size=32).train_x[:n], "synthetic 32 px images"
+
+
+if __name__ == "__main__":
+    bench = tyro.cli(Bench)
+    device = torch.device(bench.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    if bench.memory_of:  # child process: peak memory of one method's full step
+        x, _ = load_images(bench.batch_size)
+        _, full_step, _, _ = method_parts(bench.memory_of, method_args(bench.memory_of, bench.backbone),
+                                          x.to(device), device)
+        def status(key):  # KiB, Linux
+            return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1])
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+        before = status("VmRSS:")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(2):
+            full_step()
+        sync()
+        peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else
+                (status("VmHWM:") - before) / 1024)
+        print(json.dumps({"peak_mib": peak}))
+        raise SystemExit(0)
+
+    x, source = load_images(max(bench.batch_size, 512))
+    results = {"config": {**vars(bench), "source": source, "torch": torch.__version__, "cpus": os.cpu_count()},
+               "methods": {}}
+    print(f"{source}; device {device}; batch {bench.batch_size}; {bench.backbone}; amp {bench.amp}; "
+          f"median of {bench.repeats}")
+
+    # 1. augmentation throughput
+    torch.set_num_threads(bench.threads)
+    pil_images = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in x[:256]]
+    for name in METHODS:
+        args = method_args(name, bench.backbone)
+        if name == "bam":
+            pipes = [pil_pipeline(32, args.global_scale), pil_pipeline(32, args.global_scale, solarize=0.2)] + [
+                pil_pipeline(16, args.local_scale)] * args.num_local_crops
+        else:
+            pipes = [pil_pipeline(32, (0.2, 1.0))] * 2
+        pil_s = median_seconds(lambda: [p(im) for im in pil_images for p in pipes], bench.repeats, lambda: None)
+        pil_vps = len(pil_images) * len(pipes) / pil_s
+        xb = x[:512].to(device)
+        augment = method_parts(name, args, xb, device)[0]
+        ours_s = median_seconds(augment, bench.repeats, sync)
+        ours_vps = len(xb) * len(pipes) / ours_s
+        results["methods"][name] = {"aug_views_per_sec": ours_vps, "pil_views_per_sec": pil_vps,
+                                    "aug_speedup_vs_pil": ours_vps / pil_vps}
+    torch.set_num_threads(os.cpu_count() if device.type == "cpu" else torch.get_num_threads())
+
+    # 2. step overhead and 3. peak memory
+    xb = x[: bench.batch_size].to(device)
+    for name in METHODS:
+        torch.manual_seed(0)
+        _, full_step, inputs, model = method_parts(name, method_args(name, bench.backbone), xb, device)
+        full = median_seconds(full_step, bench.repeats, sync)
+        base = median_seconds(backbone_step(model, inputs, device), bench.repeats, sync)
+        child = subprocess.run([sys.executable, __file__, "--memory-of", name, "--device", bench.device,
+                                "--batch-size", str(bench.batch_size), "--backbone", bench.backbone,
+                                "--amp", bench.amp], capture_output=True, text=True)
+        peak = json.loads(child.stdout.strip().splitlines()[-1])["peak_mib"] if child.returncode == 0 else None
+        results["methods"][name].update(step_seconds=full, backbone_step_seconds=base,
+                                        step_overhead_vs_backbone=full / base, peak_memory_mib=peak)
+
+    # 4. CUDA throughput (not measurable on a CPU-only machine)
+    if device.type == "cuda":
+        for name in METHODS:
+            for compiled in (False, True):
+                torch.manual_seed(0)
+                _, full_step, _, model = method_parts(name, method_args(name, bench.backbone), xb, device)
+                if compiled:
+                    model.forward = torch.compile(model.forward)
+                s = median_seconds(full_step, bench.repeats, sync)
+                key = "compiled" if compiled else "eager"
+                results["methods"][name][f"cuda_images_per_sec_{key}"] = bench.batch_size / s
+                results["methods"][name][f"cuda_seconds_per_cifar10_epoch_{key}"] = 50_000 / (bench.batch_size / s)
+
+    rows = [("method", "aug views/s", "PIL views/s", "aug speedup", "step s", "backbone s", "overhead", "peak MiB")]
+    for name, r in results["methods"].items():
+        rows.append((name, f"{r['aug_views_per_sec']:.0f}", f"{r['pil_views_per_sec']:.0f}",
+                     f"{r['aug_speedup_vs_pil']:.1f}x", f"{r['step_seconds']:.2f}", f"{r['backbone_step_seconds']:.2f}",
+                     f"{r['step_overhead_vs_backbone']:.3f}",
+                     "n/a" if r["peak_memory_mib"] is None else f"{r['peak_memory_mib']:.0f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+    if device.type != "cuda":
+        print("CUDA images/s and s/epoch: not measured (no CUDA device in this run)")
+    with open("benchmark.json", "w") as f:
+        json.dump(results, f, indent=2)
+    print("wrote benchmark.json")
