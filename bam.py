@@ -162,8 +162,8 @@ def resample_matrix(start, length, n_in, n_out):
     centre = start[:, None] * n_in + (torch.arange(n_out, device=start.device) + 0.5) * step[:, None] - 0.5
     support = step.clamp_min(1)[:, None, None]
     j = torch.arange(n_in, device=start.device)
-    w = (1 - (j[None, None, :] - centre[:, :, None]).abs() / support).clamp_min(0)  # (B, n_out, n_in)
-    return w / w.sum(-1, keepdim=True)
+    w = (j[None, None, :] - centre[:, :, None]).abs_().div_(support).neg_().add_(1).clamp_(min=0)  # (B, n_out, n_in)
+    return w.div_(w.sum(-1, keepdim=True))
 
 
 def blur_matrix(sigma, n):
@@ -332,14 +332,14 @@ def top_k_rows(P, k):
     return kept / kept.sum(1, keepdim=True)
 
 
-def bam_loss(z, keys, target, B, tau):
+def bam_loss(z, keys, target, B, tau, mask=None):
     """Cross-entropy between balanced targets and source attention.
     z (V*B, D) queries of every crop (crop-major); keys (G*B, D) global-crop embeddings;
     target (G*B, G*B) Sinkhorn rows of the global crops, no gradient.
     Source: A_v = softmax(z_v K^T / tau) over the keys of OTHER images.
-    loss = mean over g, v != g, i of  -sum_j P_g[i, j] log A_v[i, j]."""
+    loss = mean over g, v != g, i of  -sum_j P_g[i, j] log A_v[i, j].  mask: same_image(...), if prebuilt."""
     V, G = len(z) // B, len(keys) // B
-    mask = same_image(len(z), len(keys), B, z.device)
+    mask = same_image(len(z), len(keys), B, z.device) if mask is None else mask
     logA = F.log_softmax((z.float() @ keys.float().T / tau).masked_fill(mask, float("-inf")), dim=1)
     logA = logA.masked_fill(mask, 0.0).view(V, B, G * B)  # 0 * log 0 := 0 on masked entries
     ce = -torch.einsum("gik,vik->gv", target.view(G, B, G * B), logA) / B  # (G, V) mean over images
@@ -596,7 +596,7 @@ if __name__ == "__main__":
             S_target = z.detach() @ keys.detach().T if zt is None else zt @ zt.T  # (V*B or 2B, 2B)
             P = sinkhorn(S_target, mask_vg[: len(S_target)], args.lam, args.sinkhorn_iters)
             target = top_k_rows(P[: G * args.batch_size], args.top_k)
-            loss = bam_loss(z, keys, target, args.batch_size, args.tau)
+            loss = bam_loss(z, keys, target, args.batch_size, args.tau, mask_vg)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)

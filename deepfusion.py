@@ -149,8 +149,8 @@ def resample_matrix(start, length, n_in, n_out):
     centre = start[:, None] * n_in + (torch.arange(n_out, device=start.device) + 0.5) * step[:, None] - 0.5
     support = step.clamp_min(1)[:, None, None]
     j = torch.arange(n_in, device=start.device)
-    w = (1 - (j[None, None, :] - centre[:, :, None]).abs() / support).clamp_min(0)  # (B, n_out, n_in)
-    return w / w.sum(-1, keepdim=True)
+    w = (j[None, None, :] - centre[:, :, None]).abs_().div_(support).neg_().add_(1).clamp_(min=0)  # (B, n_out, n_in)
+    return w.div_(w.sum(-1, keepdim=True))
 
 
 def blur_matrix(sigma, n):

@@ -112,7 +112,7 @@ def method_parts(name, args, x, device):
             z, _ = out
             keys = z[: 2 * B]
             P = bam.sinkhorn(z.detach() @ keys.detach().T, mask, args.lam, args.sinkhorn_iters)[: 2 * B]
-            loss = bam.bam_loss(z, keys, P, B, args.tau)
+            loss = bam.bam_loss(z, keys, P, B, args.tau, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

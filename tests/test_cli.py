@@ -174,3 +174,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(script, checkp
     assert after["epoch"] == 1 == before["epoch"]
     assert all(torch.isfinite(v).all() for v in after["model"].values() if v.is_floating_point())
     assert not os.path.exists(os.path.join(os.path.dirname(ckpt), "summary.json"))
+
+
+@pytest.mark.parametrize("script", METHODS)
+def test_fp16_with_grad_scaler(script, tmp_path):
+    """The GPU's fp16 path (autocast + GradScaler) through the same code, on the CPU."""
+    p = run_cli(script, *TINY, *METHODS[script]["fast"], "--amp", "fp16", "--epochs", "1", "--eval-every", "0",
+                "--image-size", "8", "--num-samples", "32", "--output-dir", tmp_path)  # CPU fp16 is slow: 2 steps
+    assert p.returncode == 0, p.stderr[-3000:]
+    ckpt = torch.load(os.path.join(run_dir_of(tmp_path), "checkpoint.pt"), weights_only=True)
+    assert ckpt["scaler"]["scale"] > 0  # the scaler was enabled and saved for resuming
+    assert json.load(open(os.path.join(run_dir_of(tmp_path), "summary.json")))["epochs"] == 1
