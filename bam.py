@@ -565,7 +565,8 @@ if __name__ == "__main__":
             orig = train_x[:: max(1, len(train_x) // 8)][:8]  # spread over the set (folders are class-sorted)
             glob, local = crops_of(orig, vg, args, size)  # originals, 2 global rows, local rows (padded)
             pad = (size - local.shape[-1]) // 2
-            grid = torch.cat([orig.float() / 255, glob, F.pad(local, [pad, size - local.shape[-1] - pad] * 2, value=1.0)])
+            local = F.pad(local, [pad, size - local.shape[-1] - pad] * 2, value=1.0)  # centred on white
+            grid = torch.cat([orig.float() / 255, glob, local])
             up = max(1, 96 // size)  # enlarge small images so a person can see the augmentation
             torchvision.utils.save_image(grid.repeat_interleave(up, 2).repeat_interleave(up, 3),
                                          os.path.join(run_dir, "figures", "views.png"), nrow=8)
@@ -639,7 +640,7 @@ if __name__ == "__main__":
 
     final = evaluate(args.epochs)
     net = model.eval_backbone()
-    train_f, test_f = extract(net, train_x, norm, amp_dtype), extract(net, test_x, norm, amp_dtype)
+    train_f, test_f = [extract(net, v, norm, amp_dtype) for v in (train_x, test_x)]
     linear = linear_probe(train_f, train_y, test_f, test_y, n_cls, args.linear_epochs, args.seed)
     torch.save(net.state_dict(), os.path.join(run_dir, "backbone.pt"))
     summary = {"knn_acc": final["knn_acc"], "linear_acc": linear, "init": history.get("init"),

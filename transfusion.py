@@ -606,7 +606,7 @@ if __name__ == "__main__":
             raise SystemExit(0)
 
     final = evaluate(args.epochs)
-    train_f, test_f = extract(model.backbone, train_x, norm, amp_dtype), extract(model.backbone, test_x, norm, amp_dtype)
+    train_f, test_f = [extract(model.backbone, v, norm, amp_dtype) for v in (train_x, test_x)]
     linear = linear_probe(train_f, train_y, test_f, test_y, n_cls, args.linear_epochs, args.seed)
     torch.save(model.backbone.state_dict(), os.path.join(run_dir, "backbone.pt"))
     summary = {"knn_acc": final["knn_acc"], "linear_acc": linear, "init": history.get("init"),
