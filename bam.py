@@ -230,7 +230,7 @@ def augment(x, g, size, scale, ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter=(0.4, 0.
     v = torch.bmm(v.view(B, size, 3, W).transpose(1, 2).reshape(B, 3 * size, W), Rx.transpose(1, 2))  # columns
     v = v.view(B, 3, size, size)
     M, o = colour_matrices(v, g, jitter, jitter_p, gray_p)
-    v = torch.baddbmm(o[:, :, None], M, v.reshape(B, 3, -1)).view(B, 3, size, size).clamp_(0, 1)  # M v + o
+    v = torch.baddbmm(o[:, :, None], M, v.reshape(B, 3, size * size)).view(B, 3, size, size).clamp_(0, 1)  # M v + o
     solar = (torch.rand(B, device=dev, generator=g) < solarize_p)[:, None, None, None]
     return torch.where(solar & (v >= 0.5), 1 - v, v)  # RandomSolarize(threshold 128 / 255 ~ 0.5)
 
@@ -244,8 +244,8 @@ def crops_of(x, g, args, size):
     glob = torch.cat([augment(x, g, size, args.global_scale, blur_p=1.0 * blur, **kw),
                       augment(x, g, size, args.global_scale, blur_p=0.1 * blur, solarize_p=0.2, **kw)])
     small = args.local_size or size // 2
-    local = [augment(x, g, small, args.local_scale, blur_p=0.5 * blur, **kw) for _ in range(args.num_local_crops)]
-    return glob, torch.cat(local) if local else x.new_zeros(0, 3, small, small, dtype=torch.float32)
+    local = augment(x.repeat(args.num_local_crops, 1, 1, 1), g, small, args.local_scale, blur_p=0.5 * blur, **kw)
+    return glob, local  # local: one call for all local crops, every row with its own draws
 
 
 # ----------------------------------------------------------------------------- model

@@ -218,7 +218,7 @@ def augment(x, g, size, scale, ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter=(0.4, 0.
     v = torch.bmm(v.view(B, size, 3, W).transpose(1, 2).reshape(B, 3 * size, W), Rx.transpose(1, 2))  # columns
     v = v.view(B, 3, size, size)
     M, o = colour_matrices(v, g, jitter, jitter_p, gray_p)
-    return torch.baddbmm(o[:, :, None], M, v.reshape(B, 3, -1)).view(B, 3, size, size).clamp_(0, 1)  # M v + o
+    return torch.baddbmm(o[:, :, None], M, v.reshape(B, 3, size * size)).view(B, 3, size, size).clamp_(0, 1)  # M v + o
 
 
 def views_of(x, g, args, size):
@@ -229,7 +229,7 @@ def views_of(x, g, args, size):
     s = args.jitter_strength
     kw = dict(scale=scale, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_p=args.jitter_p,
               gray_p=args.gray_p, blur_p=blur_p)
-    return torch.cat([augment(x, g, size, **kw), augment(x, g, size, **kw)])
+    return augment(x.repeat(2, 1, 1, 1), g, size, **kw)  # one call: every row still draws its own
 
 
 # ----------------------------------------------------------------------------- model
