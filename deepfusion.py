@@ -170,6 +170,8 @@ def colour_matrices(x, g, jitter, jitter_p, gray_p):
     """Per-sample affine colour map (M (B,3,3), o (B,3)) for jitter in random order, then grayscale."""
     B, dev = len(x), x.device
     U = lambda lo, hi: torch.empty(B, device=dev).uniform_(lo, hi, generator=g)
+    mm = lambda P, Q: (P[..., :, :, None] * Q[..., None, :, :]).sum(-2)  # (B,3,3) @ (B,3,3), elementwise:
+    mv = lambda P, v: (P * v[..., None, :]).sum(-1)  # (B,3,3) @ (B,3); batched 3x3 bmm is far slower
     on = torch.rand(B, device=dev, generator=g) < jitter_p
     bri, con, sat = [torch.where(on, U(max(0, 1 - s), 1 + s), 1.0) for s in jitter[:3]]
     hue = torch.where(on, U(-jitter[3], jitter[3]), 0.0) * 2 * math.pi
@@ -181,7 +183,7 @@ def colour_matrices(x, g, jitter, jitter_p, gray_p):
     cos, sin = hue.cos(), hue.sin()
     R = torch.zeros(B, 3, 3, device=dev)
     R[:, 0, 0], R[:, 1, 1], R[:, 1, 2], R[:, 2, 1], R[:, 2, 2] = 1, cos, -sin, sin, cos
-    A_hue = I + torch.linalg.inv(T) @ (R - torch.eye(3, device=dev)) @ T  # exactly I when hue = 0
+    A_hue = I + mm(mm(torch.linalg.inv(T).expand(B, 3, 3), R - I), T.expand(B, 3, 3))  # exactly I when hue = 0
     A_bri = bri[:, None, None] * I
     A_con = con[:, None, None] * I
     A_sat = sat[:, None, None] * I + (1 - sat)[:, None, None] * ones_grey
@@ -190,12 +192,12 @@ def colour_matrices(x, g, jitter, jitter_p, gray_p):
     for r in range(4):
         k = order[:, r, None, None]
         A = torch.where(k == 0, A_bri, torch.where(k == 1, A_con, torch.where(k == 2, A_sat, A_hue)))
-        mu = (M @ mu0[..., None])[..., 0] + o  # current mean colour
+        mu = mv(M, mu0) + o  # current mean colour
         d = ((1 - con) * (mu @ grey))[:, None].expand(B, 3) * (order[:, r] == 1)[:, None]  # contrast offset
-        M, o = A @ M, (A @ o[..., None])[..., 0] + d
+        M, o = mm(A, M), mv(A, o) + d
     gray = (torch.rand(B, device=dev, generator=g) < gray_p)[:, None, None]
     G = torch.where(gray, ones_grey.expand(B, 3, 3), I)
-    return G @ M, (G @ o[..., None])[..., 0]
+    return mm(G, M), mv(G, o)
 
 
 def augment(x, g, size, scale, ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter=(0.4, 0.4, 0.4, 0.1),
@@ -213,9 +215,9 @@ def augment(x, g, size, scale, ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter=(0.4, 0.
     if blur_p > 0:  # one sigma per sample for both axes, as torchvision's GaussianBlur
         Gb = blur_matrix(sigma, size)
         Ry, Rx = torch.where(blur, Gb @ Ry, Ry), torch.where(blur, Gb @ Rx, Rx)
-    v = torch.bmm(Ry, x.permute(0, 2, 1, 3).reshape(B, H, 3 * W).float().div_(255))  # rows: (B, size, 3W)
-    v = torch.bmm(v.view(B, size, 3, W).transpose(1, 2).reshape(B, 3 * size, W), Rx.transpose(1, 2))  # columns
-    v = v.view(B, 3, size, size)
+    # columns, then rows, in the layouts that need no copies (measured fastest of four on one CPU thread)
+    v = torch.bmm(x.reshape(B, 3 * H, W).float().div_(255), Rx.transpose(1, 2).contiguous())  # (B, 3H, size)
+    v = torch.matmul(Ry[:, None], v.view(B, 3, H, size))  # (B, 3, size, size)
     M, o = colour_matrices(v, g, jitter, jitter_p, gray_p)
     return torch.baddbmm(o[:, :, None], M, v.reshape(B, 3, size * size)).view(B, 3, size, size).clamp_(0, 1)  # M v + o
 

@@ -55,6 +55,8 @@ class Bench:
     present, else synthetic images"""
     amp: Literal["off", "bf16"] = "off"
     """autocast for the step figures (CPU default off, as the training scripts' --amp auto)"""
+    steps: bool = True
+    """measure step overhead, memory and CUDA throughput too (--no-steps: augmentation only, fast)"""
     memory_of: Optional[str] = None
     """internal: measure the peak memory of one method's step in this (fresh) process"""
 
@@ -198,7 +200,7 @@ if __name__ == "__main__":
 
     # 2. step overhead and 3. peak memory
     xb = x[: bench.batch_size].to(device)
-    for name in METHODS:
+    for name in METHODS if bench.steps else ():
         torch.manual_seed(0)
         _, full_step, inputs, model = method_parts(name, method_args(name, bench.backbone), xb, device)
         full = median_seconds(full_step, bench.repeats, sync)
@@ -211,7 +213,7 @@ if __name__ == "__main__":
                                         step_overhead_vs_backbone=full / base, peak_memory_mib=peak)
 
     # 4. CUDA throughput (not measurable on a CPU-only machine)
-    if device.type == "cuda":
+    if device.type == "cuda" and bench.steps:
         for name in METHODS:
             for compiled in (False, True):
                 torch.manual_seed(0)
@@ -225,10 +227,11 @@ if __name__ == "__main__":
 
     rows = [("method", "aug views/s", "PIL views/s", "aug speedup", "step s", "backbone s", "overhead", "peak MiB")]
     for name, r in results["methods"].items():
-        rows.append((name, f"{r['aug_views_per_sec']:.0f}", f"{r['pil_views_per_sec']:.0f}",
-                     f"{r['aug_speedup_vs_pil']:.1f}x", f"{r['step_seconds']:.2f}", f"{r['backbone_step_seconds']:.2f}",
-                     f"{r['step_overhead_vs_backbone']:.3f}",
-                     "n/a" if r["peak_memory_mib"] is None else f"{r['peak_memory_mib']:.0f}"))
+        fmt = lambda key, spec: "-" if r.get(key) is None else format(r[key], spec)
+        rows.append((name, fmt("aug_views_per_sec", ".0f"), fmt("pil_views_per_sec", ".0f"),
+                     fmt("aug_speedup_vs_pil", ".1f") + "x", fmt("step_seconds", ".2f"),
+                     fmt("backbone_step_seconds", ".2f"), fmt("step_overhead_vs_backbone", ".3f"),
+                     fmt("peak_memory_mib", ".0f")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
