@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -38,6 +38,14 @@ def assert_usage_error(proc, *words):
         assert w.lower() in lines[0].lower(), (w, lines[0])
 
 
-@pytest.fixture
-def tiny_args():
-    return list(TINY)
+def union_of_subspaces(n, D=64, K=4, r=3, noise=0.3, seed=0):
+    """n points from K random r-dim subspaces of R^D, two noisy draws per point as its two views."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(K, D, r, generator=g))[0]
+    def batch():
+        y = torch.arange(n) % K
+        p = torch.einsum("kdr,kr->kd", U[y], torch.randn(n, r, generator=g)) * (D / r) ** 0.5
+        view = lambda: p + noise * torch.randn(n, D, generator=g)
+        return torch.cat([view(), view()]), torch.cat([y, y])
+    return batch
+

@@ -9,6 +9,7 @@ import torchvision.transforms.functional as TF
 
 import common
 import deepfusion as df
+from conftest import union_of_subspaces
 
 
 def _images(n=6, size=16, seed=0):
@@ -144,23 +145,11 @@ def test_backbone_state_loads_into_plain_torchvision():
     assert dim == 512 and net(torch.rand(2, 3, 32, 32)).shape == (2, 512)
 
 
-def _union_of_subspaces(n, D=64, K=4, r=3, noise=0.3, seed=0):
-    """n points from K random r-dim subspaces of R^D, two noisy draws per point as its two views."""
-    g = torch.Generator().manual_seed(seed)
-    U = torch.linalg.qr(torch.randn(K, D, r, generator=g))[0]
-    def batch():
-        y = torch.arange(n) % K
-        p = torch.einsum("kdr,kr->kd", U[y], torch.randn(n, r, generator=g)) * (D / r) ** 0.5
-        view = lambda: p + noise * torch.randn(n, D, generator=g)
-        return torch.cat([view(), view()]), torch.cat([y, y])
-    return batch
-
-
 def test_deep_fusion_on_a_union_of_subspaces():
     """The paper's claim in its theory's setting: after training with NT-Xent, attention in deeper
     layers concentrates on the same subspace; an untrained head shows nothing of the kind."""
     torch.manual_seed(0)
-    batch = _union_of_subspaces(64)
+    batch = union_of_subspaces(64)
     head = df.Head("transformer", 64, 3, 4, 32)
 
     def mass():

@@ -6,6 +6,7 @@ import torch
 
 import common
 import transfusion as tf
+from conftest import union_of_subspaces
 
 
 def _block_by_hand(block, X, final):
@@ -111,23 +112,11 @@ def test_target_affinity_views_and_labels():
     assert abs(tf.jsd_loss(A, lonely).item() - tf.jsd(A[1:], lonely[1:]).mean().item()) < 1e-6
 
 
-def _union_of_subspaces(n, D=64, K=4, r=3, noise=0.3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    U = torch.linalg.qr(torch.randn(K, D, r, generator=g))[0]
-
-    def batch():
-        y = torch.arange(n) % K
-        p = torch.einsum("kdr,kr->kd", U[y], torch.randn(n, r, generator=g)) * (D / r) ** 0.5
-        view = lambda: p + noise * torch.randn(n, D, generator=g)
-        return torch.cat([view(), view()]), torch.cat([y, y])
-    return batch
-
-
 def test_final_adjacency_becomes_block_diagonal_on_a_union_of_subspaces():
     """The theory's setting: the head alone, trained with the views target, puts most of each row on
     the row's own subspace; untrained, it does not. (--score square: with ReLU, rows die here, see README.)"""
     torch.manual_seed(0)
-    batch = _union_of_subspaces(64)
+    batch = union_of_subspaces(64)
     head = tf.TransFusionHead(64, 64, 2, "square")
     T = tf.target_affinity(torch.arange(64).repeat(2))
 
