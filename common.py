@@ -124,7 +124,7 @@ def _image_folder(root, size):
     return x, torch.as_tensor(folder.targets, dtype=torch.int64), folder.classes
 
 
-def _synthetic(size, n_train=1024, n_test=256, n_classes=10):
+def _synthetic(size, n_train=512, n_test=256, n_classes=10):
     """Offline stand-in data: each class is a smooth random colour pattern; every image adds its own
     smooth variation, a random brightness and pixel noise. Learnable, not trivial; always the same."""
     g = torch.Generator().manual_seed(0)

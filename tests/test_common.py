@@ -15,7 +15,7 @@ import common
 def test_synthetic_is_fixed_uint8_and_labelled():
     a = common.load_dataset("synthetic", "unused")
     b = common.load_dataset("synthetic", "unused")
-    assert a.pretrain_x.dtype == torch.uint8 and a.pretrain_x.shape == (1024, 3, 32, 32)
+    assert a.pretrain_x.dtype == torch.uint8 and a.pretrain_x.shape == (512, 3, 32, 32)
     assert a.train_y.dtype == torch.int64 and a.test_x.shape == (256, 3, 32, 32)
     assert torch.equal(a.pretrain_x, b.pretrain_x) and torch.equal(a.test_y, b.test_y)
     assert set(a.train_y.tolist()) == set(range(10)) and len(a.classes) == 10
