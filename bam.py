@@ -530,10 +530,11 @@ if __name__ == "__main__":
 
     def evaluate(epoch):
         """k-NN on backbone features; on two fixed global crops of the probe batch: the balanced target
-        P and the source attention A, how balanced P is, its same-class mass, and the embedding spread."""
+        P and the source attention A, how balanced P is, its same-class mass, and the embedding spread.
+        Returns (metrics, train features, test features)."""
         net = model.eval_backbone()
-        knn = common.knn_accuracy(extract(net, train_x, norm, amp_dtype), train_y,
-                                  extract(net, test_x, norm, amp_dtype), test_y, n_cls, args.knn_k, args.knn_t)
+        train_f, test_f = [extract(net, v, norm, amp_dtype) for v in (train_x, test_x)]
+        knn = common.knn_accuracy(train_f, train_y, test_f, test_y, n_cls, args.knn_k, args.knn_t)
         out = {"event": "eval", "epoch": epoch, "step": step, "knn_acc": knn}
         pg = torch.Generator(device).manual_seed(args.seed + 2)  # the same crops at every evaluation
         glob, _ = crops_of(test_x[probe], pg, args, size)
@@ -559,7 +560,7 @@ if __name__ == "__main__":
         log(**out)
         print(" ".join(f"{k} " + (" ".join(f"{u:.3f}" for u in v) if isinstance(v, list) else
                                   f"{v:.4f}" if isinstance(v, float) else f"{v}") for k, v in out.items()))
-        return out
+        return out, train_f, test_f
 
     if ckpt is None:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -572,7 +573,7 @@ if __name__ == "__main__":
             up = max(1, 96 // size)  # enlarge small images so a person can see the augmentation
             torchvision.utils.save_image(grid.repeat_interleave(up, 2).repeat_interleave(up, 3),
                                          os.path.join(run_dir, "figures", "views.png"), nrow=8)
-        history["init"] = {k: v for k, v in evaluate(0).items() if k not in ("event", "epoch", "step")}
+        history["init"] = {k: v for k, v in evaluate(0)[0].items() if k not in ("event", "epoch", "step")}
 
     model.train()
     while epoch < args.epochs:
@@ -640,11 +641,9 @@ if __name__ == "__main__":
             print(f"stopped after epoch {epoch} (--stop-epoch); resume with --resume {run_dir}/checkpoint.pt")
             raise SystemExit(0)
 
-    final = evaluate(args.epochs)
-    net = model.eval_backbone()
-    train_f, test_f = [extract(net, v, norm, amp_dtype) for v in (train_x, test_x)]
+    final, train_f, test_f = evaluate(args.epochs)  # the linear probe reuses the k-NN features
     linear = linear_probe(train_f, train_y, test_f, test_y, n_cls, args.linear_epochs, args.seed)
-    torch.save(net.state_dict(), os.path.join(run_dir, "backbone.pt"))
+    torch.save(model.eval_backbone().state_dict(), os.path.join(run_dir, "backbone.pt"))
     summary = {"knn_acc": final["knn_acc"], "linear_acc": linear, "init": history.get("init"),
                "epochs": args.epochs, "images_per_sec": history["train_images"] / max(history["train_seconds"], 1e-9),
                "normalization": {"mean": data.mean, "std": data.std},

@@ -511,10 +511,10 @@ if __name__ == "__main__":
 
     def evaluate(epoch):
         """k-NN on backbone features; adjacency of every block on two fixed views of the probe batch:
-        same-class mass per block and, for the final block, the mass on each row's partner view."""
-        knn = common.knn_accuracy(extract(model.backbone, train_x, norm, amp_dtype), train_y,
-                                  extract(model.backbone, test_x, norm, amp_dtype), test_y,
-                                  n_cls, args.knn_k, args.knn_t)
+        same-class mass per block and, for the final block, the mass on each row's partner view.
+        Returns (metrics, train features, test features)."""
+        train_f, test_f = [extract(model.backbone, v, norm, amp_dtype) for v in (train_x, test_x)]
+        knn = common.knn_accuracy(train_f, train_y, test_f, test_y, n_cls, args.knn_k, args.knn_t)
         out = {"event": "eval", "epoch": epoch, "step": step, "knn_acc": knn}
         pg = torch.Generator(device).manual_seed(args.seed + 2)  # the same views at every evaluation
         views = norm(views_of(test_x[probe], pg, args, size))  # (2n, ...): view 1 of all, then view 2
@@ -539,7 +539,7 @@ if __name__ == "__main__":
         log(**out)
         print(" ".join(f"{k} " + (" ".join(f"{u:.3f}" for u in v) if isinstance(v, list) else
                                   f"{v:.4f}" if isinstance(v, float) else f"{v}") for k, v in out.items()))
-        return out
+        return out, train_f, test_f
 
     if ckpt is None:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -549,7 +549,7 @@ if __name__ == "__main__":
             up = max(1, 96 // size)  # enlarge small images so a person can see the augmentation
             torchvision.utils.save_image(grid.repeat_interleave(up, 2).repeat_interleave(up, 3),
                                          os.path.join(run_dir, "figures", "views.png"), nrow=8)
-        history["init"] = {k: v for k, v in evaluate(0).items() if k not in ("event", "epoch", "step")}
+        history["init"] = {k: v for k, v in evaluate(0)[0].items() if k not in ("event", "epoch", "step")}
 
     model.train()
     while epoch < args.epochs:
@@ -607,8 +607,7 @@ if __name__ == "__main__":
             print(f"stopped after epoch {epoch} (--stop-epoch); resume with --resume {run_dir}/checkpoint.pt")
             raise SystemExit(0)
 
-    final = evaluate(args.epochs)
-    train_f, test_f = [extract(model.backbone, v, norm, amp_dtype) for v in (train_x, test_x)]
+    final, train_f, test_f = evaluate(args.epochs)  # the linear probe reuses the k-NN features
     linear = linear_probe(train_f, train_y, test_f, test_y, n_cls, args.linear_epochs, args.seed)
     torch.save(model.backbone.state_dict(), os.path.join(run_dir, "backbone.pt"))
     summary = {"knn_acc": final["knn_acc"], "linear_acc": linear, "init": history.get("init"),
