@@ -86,9 +86,9 @@ def _torchvision(name, root, download):
             reason = getattr(e, "reason", e)
             raise UsageError(f"could not download {name} into {root!r} ({reason}); "
                              "check the network, or download it by hand and pass --data-dir") from None
-        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
-            hint = "" if download else " (--no-download is set)"
-            raise UsageError(f"{name} not found or corrupted in {root!r}{hint}: {e}") from None
+        except RuntimeError:  # torchvision: "Dataset not found or corrupted"
+            hint = "" if download else "; --no-download is set, drop it to download"
+            raise UsageError(f"{name} not found or corrupted in {root!r}{hint}") from None
         except OSError as e:
             raise UsageError(f"cannot read or write {name} in {root!r}: {e}") from None
         if name == "stl10":  # (N, 3, 96, 96) already; unlabeled images carry label -1
