@@ -351,6 +351,11 @@ def bam_loss(z, keys, target, B, tau, mask=None):
 # ----------------------------------------------------------------------------- evaluation
 
 
+def autocast(device, amp_dtype):
+    """Mixed precision in amp_dtype (bf16 or fp16); None: fp32, autocast off."""
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
 @torch.no_grad()
 def extract(backbone, x, norm, amp_dtype, batch=512):
     """Backbone features (N, D) of un-augmented uint8 images, in eval mode."""
@@ -358,7 +363,7 @@ def extract(backbone, x, norm, amp_dtype, batch=512):
     backbone.eval()
     feats = []
     for i in range(0, len(x), batch):
-        with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(x.device, amp_dtype):
             xb = norm(x[i:i + batch].float() / 255).contiguous(memory_format=torch.channels_last)
             feats.append(backbone(xb).float())
     backbone.train(was_training)
@@ -540,8 +545,7 @@ if __name__ == "__main__":
         glob, _ = crops_of(test_x[probe], pg, args, size)
         n = len(probe)
         model.eval()
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                             enabled=amp_dtype is not None):
+        with torch.no_grad(), autocast(device, amp_dtype):
             z, zt = model(norm(glob), glob[:0])
         model.train()
         keys = z if zt is None else zt  # (2n, D)
@@ -592,7 +596,7 @@ if __name__ == "__main__":
                 group["weight_decay"] = 0.0 if group.get("no_decay") else (
                     args.weight_decay_end + (args.weight_decay - args.weight_decay_end) * cos)
             glob, local = crops_of(x, g, args, size)  # (2B, 3, S, S), (nB, 3, s, s)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with autocast(device, amp_dtype):
                 z, zt = train_model(norm(glob), norm(local))  # (V*B, D) student, (2B, D) teacher or None
             keys = z[: G * args.batch_size] if zt is None else zt  # (2B, D) global crops of the batch
             # Sinkhorn over every query row (as the released code), or over the teacher's global rows;

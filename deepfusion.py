@@ -330,6 +330,11 @@ def nt_xent(z, tau):
 # ----------------------------------------------------------------------------- evaluation
 
 
+def autocast(device, amp_dtype):
+    """Mixed precision in amp_dtype (bf16 or fp16); None: fp32, autocast off."""
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
 @torch.no_grad()
 def extract(backbone, x, norm, amp_dtype, batch=512):
     """Backbone features (N, D) of un-augmented uint8 images, in eval mode."""
@@ -337,7 +342,7 @@ def extract(backbone, x, norm, amp_dtype, batch=512):
     backbone.eval()
     feats = []
     for i in range(0, len(x), batch):
-        with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(x.device, amp_dtype):
             xb = norm(x[i:i + batch].float() / 255).contiguous(memory_format=torch.channels_last)
             feats.append(backbone(xb).float())
     backbone.train(was_training)
@@ -508,10 +513,10 @@ if __name__ == "__main__":
         knn = common.knn_accuracy(train_f, train_y, test_f, test_y, n_cls, args.knn_k, args.knn_t)
         out = {"event": "eval", "epoch": epoch, "step": step, "knn_acc": knn}
         if args.head == "transformer" and args.head_layers > 0:
-            model.eval()
-            with torch.no_grad():
-                _, attn = model.head(extract(model.backbone, test_x[probe], norm, amp_dtype), need_weights=True)
-            model.train()
+            model.head.eval()
+            with torch.no_grad():  # the probe images' features are rows of test_f already
+                _, attn = model.head(test_f[probe], need_weights=True)
+            model.head.train()
             mass, chance = common.same_class_mass(attn, test_y[probe])  # attn (L, n, n)
             out.update(same_class_attention=mass.tolist(), same_class_chance=chance)
             common.save_maps(os.path.join(run_dir, "figures", f"attention_epoch{epoch:04d}.png"), attn, test_y[probe])
@@ -544,7 +549,7 @@ if __name__ == "__main__":
                                lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) /
                                                         max(1, total_steps - warmup_steps))))
             views = norm(views_of(x, g, args, size))  # (2B, 3, S, S)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with autocast(device, amp_dtype):
                 z = train_model(views)  # (2B, proj_dim)
             loss = nt_xent(z, args.tau)
             opt.zero_grad(set_to_none=True)

@@ -338,6 +338,11 @@ def jsd_loss(A, T, kind="rows"):
 # ----------------------------------------------------------------------------- evaluation
 
 
+def autocast(device, amp_dtype):
+    """Mixed precision in amp_dtype (bf16 or fp16); None: fp32, autocast off."""
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
 @torch.no_grad()
 def extract(backbone, x, norm, amp_dtype, batch=512):
     """Backbone features (N, D) of un-augmented uint8 images, in eval mode."""
@@ -345,7 +350,7 @@ def extract(backbone, x, norm, amp_dtype, batch=512):
     backbone.eval()
     feats = []
     for i in range(0, len(x), batch):
-        with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(x.device, amp_dtype):
             xb = norm(x[i:i + batch].float() / 255).contiguous(memory_format=torch.channels_last)
             feats.append(backbone(xb).float())
     backbone.train(was_training)
@@ -519,8 +524,7 @@ if __name__ == "__main__":
         pg = torch.Generator(device).manual_seed(args.seed + 2)  # the same views at every evaluation
         views = norm(views_of(test_x[probe], pg, args, size))  # (2n, ...): view 1 of all, then view 2
         model.eval()
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                             enabled=amp_dtype is not None):
+        with torch.no_grad(), autocast(device, amp_dtype):
             maps = model.head(model.backbone(views.contiguous(memory_format=torch.channels_last)), every_block=True)
         model.train()
         y2 = test_y[probe].repeat(2)
@@ -566,7 +570,7 @@ if __name__ == "__main__":
                                lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) /
                                                         max(1, total_steps - warmup_steps))))
             views = norm(views_of(x, g, args, size))  # (2B, 3, S, S)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with autocast(device, amp_dtype):
                 A = train_model(views)  # (2B, 2B) adjacency of the final block
             T = target_affinity(train_y[idx].repeat(2) if args.supervised else pair)  # (2B, 2B)
             loss = jsd_loss(A, T, args.jsd)
