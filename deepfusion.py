@@ -14,7 +14,9 @@ draws it. Only the backbone is kept for downstream use and evaluation.
     python deepfusion.py --dataset synthetic --epochs 1        # offline smoke run
 """
 
+import atexit
 import contextlib
+import datetime
 import io
 import json
 import math
@@ -22,10 +24,12 @@ import os
 import re
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -77,6 +81,8 @@ class Args:
     """print (and sync) the loss every N steps"""
     stop_epoch: Optional[int] = None
     """stop after this epoch as if interrupted, keeping the checkpoint (for testing --resume)"""
+    sync_bn: bool = False
+    """under torchrun: the backbone's BatchNorm statistics over the global batch, not each rank's shard"""
     # ---- method: Deep Fusion
     head: Literal["transformer", "ffn", "mlp"] = "transformer"
     """projection head: Transformer over the batch, depth-matched feed-forward baseline, or SimCLR MLP"""
@@ -128,18 +134,28 @@ GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscal
 RGB2YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
 
 
-def crop_boxes(n, scale, ratio, g, device, tries=10):
-    """RandomResizedCrop boxes as fractions of the side: (y0, x0, h, w), each (n,). As torchvision:
-    area ~ U(scale), log aspect ~ U(log ratio); the first of `tries` draws that fits, else the whole image."""
-    area = torch.empty(n, tries, device=device).uniform_(*scale, generator=g)
-    logr = torch.empty(n, tries, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g)
+TRIES = 10  # RandomResizedCrop's attempts at a box that fits
+# A sample's randomness is one row u of NU uniforms in [0, 1), drawn for the whole (global) batch at
+# once. A view is then a function of its image and its row alone, whatever else is in the batch, so a
+# rank that augments only its shard makes exactly the views one process would make (see __main__).
+# Columns: crop (T area tries, T log-aspect tries, y, x), flip, blur, blur sigma, colour (jitter on,
+# brightness, contrast, saturation, hue, 4 keys whose argsort is the jitter order, grayscale).
+U_CROP, U_COLOUR = 2 * TRIES + 2, 10
+NU = U_CROP + 3 + U_COLOUR
+
+
+def crop_boxes(u, scale, ratio):
+    """RandomResizedCrop boxes from u (B, 2T + 2) as fractions of the side: (y0, x0, h, w), each (B,). As
+    torchvision: area ~ U(scale), log aspect ~ U(log ratio); the first of T tries that fits, else the whole image."""
+    T = (u.shape[1] - 2) // 2
+    area = scale[0] + (scale[1] - scale[0]) * u[:, :T]
+    logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, T:2 * T]
     w, h = (area * logr.exp()).sqrt(), (area / logr.exp()).sqrt()
     fits = (w <= 1) & (h <= 1)
-    first = fits.float().argmax(1, keepdim=True)  # index of the first fitting draw (0 if none fits)
+    first = fits.float().argmax(1, keepdim=True)  # index of the first fitting try (0 if none fits)
     w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
     w, h = [torch.where(fits.any(1), v, torch.ones_like(v)) for v in (w, h)]
-    y0, x0 = torch.rand(n, device=device, generator=g) * (1 - h), torch.rand(n, device=device, generator=g) * (1 - w)
-    return y0, x0, h, w
+    return u[:, -2] * (1 - h), u[:, -1] * (1 - w), h, w
 
 
 def resample_matrix(start, length, n_in, n_out):
@@ -166,16 +182,17 @@ def blur_matrix(sigma, n):
     return G
 
 
-def colour_matrices(x, g, jitter, jitter_p, gray_p):
-    """Per-sample affine colour map (M (B,3,3), o (B,3)) for jitter in random order, then grayscale."""
+def colour_matrices(x, u, jitter, jitter_p, gray_p):
+    """Per-sample affine colour map (M (B,3,3), o (B,3)) for jitter in random order, then grayscale;
+    u (B, 10): the sample's colour uniforms (see NU)."""
     B, dev = len(x), x.device
-    U = lambda lo, hi: torch.empty(B, device=dev).uniform_(lo, hi, generator=g)
     mm = lambda P, Q: (P[..., :, :, None] * Q[..., None, :, :]).sum(-2)  # (B,3,3) @ (B,3,3), elementwise:
     mv = lambda P, v: (P * v[..., None, :]).sum(-1)  # (B,3,3) @ (B,3); batched 3x3 bmm is far slower
-    on = torch.rand(B, device=dev, generator=g) < jitter_p
-    bri, con, sat = [torch.where(on, U(max(0, 1 - s), 1 + s), 1.0) for s in jitter[:3]]
-    hue = torch.where(on, U(-jitter[3], jitter[3]), 0.0) * 2 * math.pi
-    order = torch.rand(B, 4, device=dev, generator=g).argsort(1)  # per-sample order of the 4 ops
+    on = u[:, 0] < jitter_p
+    bri, con, sat = [torch.where(on, max(0, 1 - s) + (1 + s - max(0, 1 - s)) * u[:, 1 + j], 1.0)
+                     for j, s in enumerate(jitter[:3])]
+    hue = torch.where(on, (2 * u[:, 4] - 1) * jitter[3], 0.0) * 2 * math.pi
+    order = u[:, 5:9].argsort(1)  # per-sample order of the 4 ops
     I = torch.eye(3, device=dev).expand(B, 3, 3)
     grey = torch.tensor(GREY, device=dev)
     ones_grey = torch.ones(3, 1, device=dev) * grey[None]  # 1 g^T: every channel := grey level
@@ -195,42 +212,40 @@ def colour_matrices(x, g, jitter, jitter_p, gray_p):
         mu = mv(M, mu0) + o  # current mean colour
         d = ((1 - con) * (mu @ grey))[:, None].expand(B, 3) * (order[:, r] == 1)[:, None]  # contrast offset
         M, o = mm(A, M), mv(A, o) + d
-    gray = (torch.rand(B, device=dev, generator=g) < gray_p)[:, None, None]
+    gray = (u[:, 9] < gray_p)[:, None, None]
     G = torch.where(gray, ones_grey.expand(B, 3, 3), I)
     return mm(G, M), mv(G, o)
 
 
-def augment(x, g, size, scale, ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter=(0.4, 0.4, 0.4, 0.1),
+def augment(x, u, size, scale, ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter=(0.4, 0.4, 0.4, 0.1),
             jitter_p=0.8, gray_p=0.2, blur_p=0.0):
-    """uint8 (B, 3, H, W) -> float (B, 3, size, size) in [0, 1]; every sample draws its own crop box,
-    flip, jitter factors and order, grayscale and blur from generator g (on x's device)."""
+    """uint8 (B, 3, H, W) -> float (B, 3, size, size) in [0, 1]; sample i's crop box, flip, jitter factors
+    and order, grayscale and blur all come from its uniforms u[i] (u: (B, NU), on x's device)."""
     B, _, H, W = x.shape
-    dev = x.device
-    y0, x0, h, w = crop_boxes(B, scale, ratio, g, dev)
+    box, flip, blur, sigma, colour = u.split((U_CROP, 1, 1, 1, U_COLOUR), dim=1)
+    y0, x0, h, w = crop_boxes(box, scale, ratio)
     Ry, Rx = resample_matrix(y0, h, H, size), resample_matrix(x0, w, W, size)
-    flip = (torch.rand(B, device=dev, generator=g) < flip_p)[:, None, None]
-    Rx = torch.where(flip, Rx.flip(1), Rx)  # mirror the output columns
-    blur = (torch.rand(B, device=dev, generator=g) < blur_p)[:, None, None]
-    sigma = torch.empty(B, device=dev).uniform_(0.1, 2.0, generator=g)
-    if blur_p > 0:  # one sigma per sample for both axes, as torchvision's GaussianBlur
-        Gb = blur_matrix(sigma, size)
+    Rx = torch.where(flip[:, :, None] < flip_p, Rx.flip(1), Rx)  # mirror the output columns
+    if blur_p > 0:  # one sigma ~ U(0.1, 2) per sample for both axes, as torchvision's GaussianBlur
+        Gb, blur = blur_matrix(0.1 + 1.9 * sigma[:, 0], size), blur[:, :, None] < blur_p
         Ry, Rx = torch.where(blur, Gb @ Ry, Ry), torch.where(blur, Gb @ Rx, Rx)
     # columns, then rows, in the layouts that need no copies (measured fastest of four on one CPU thread)
     v = torch.bmm(x.reshape(B, 3 * H, W).float().div_(255), Rx.transpose(1, 2).contiguous())  # (B, 3H, size)
     v = torch.matmul(Ry[:, None], v.view(B, 3, H, size))  # (B, 3, size, size)
-    M, o = colour_matrices(v, g, jitter, jitter_p, gray_p)
+    M, o = colour_matrices(v, colour, jitter, jitter_p, gray_p)
     return torch.baddbmm(o[:, :, None], M, v.reshape(B, 3, size * size)).view(B, 3, size, size).clamp_(0, 1)  # M v + o
 
 
-def views_of(x, g, args, size):
-    """The two SimCLR views of a batch, concatenated: (2B, 3, size, size) in [0, 1]."""
+def views_of(x, u, args, size):
+    """The two SimCLR views of B images, view-major: row v * B + i is view v of image i,
+    (2B, 3, size, size) in [0, 1]. u (2, B, NU): every view's uniforms."""
     small = size <= 64
     scale = (args.min_scale if args.min_scale is not None else (0.2 if small else 0.08), 1.0)
     blur_p = args.blur_p if args.blur_p is not None else (0.0 if small else 0.5)
     s = args.jitter_strength
     kw = dict(scale=scale, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_p=args.jitter_p,
               gray_p=args.gray_p, blur_p=blur_p)
-    return augment(x.repeat(2, 1, 1, 1), g, size, **kw)  # one call: every row still draws its own
+    return augment(x.repeat(2, 1, 1, 1), u.reshape(-1, NU), size, **kw)  # both views in one call
 
 
 # ----------------------------------------------------------------------------- model
@@ -245,6 +260,44 @@ def make_backbone(name, image_size):
     dim = net.fc.in_features
     net.fc = nn.Identity()
     return net, dim
+
+
+# torch 2.14 marks torch.distributed.nn.functional deprecated in favour of a private module; it is still
+# the public, autograd-aware form of the collectives (torch >= 2.4), so that warning is silenced
+warnings.filterwarnings("ignore", "torch.distributed.nn.functional", FutureWarning)
+
+
+def gather(h, views):
+    """Rows of every rank in the order one process with the whole batch has them, view-major over the
+    global batch: (views * b, D) on each of W ranks -> (views * W * b, D). Autograd-aware: every rank
+    computes the same loss over the global batch, so a rank's rows receive the sum of W identical
+    gradients, which DDP's averaging divides back: the step is the one-process step. One process: h."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return h
+    parts = torch.distributed.nn.functional.all_gather(h)  # W x (views * b, D)
+    return torch.stack(parts).unflatten(1, (views, -1)).transpose(0, 1).flatten(0, 2)
+
+
+class GlobalBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the global batch, over all ranks (--sync-bn),
+    through autograd-aware all_reduce, so the gradient through the statistics reaches every rank. The
+    job of nn.SyncBatchNorm, which refuses CPU tensors (so it could not be tested here). Same state_dict
+    as BatchNorm2d; in eval mode, or in one process, it is BatchNorm2d."""
+
+    def forward(self, x):
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return super().forward(x)
+        sum_ = lambda t: torch.distributed.nn.functional.all_reduce(t.sum((0, 2, 3)))  # over all ranks
+        n = x.numel() // x.shape[1] * dist.get_world_size()
+        xf = x.float()
+        mean = sum_(xf) / n
+        var = sum_((xf - mean[:, None, None]) ** 2) / n  # two passes: as exact as one process's BatchNorm
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)  # unbiased, as BatchNorm2d
+        scale = self.weight * (var + self.eps).rsqrt()
+        return (xf * scale[:, None, None] + (self.bias - mean * scale)[:, None, None]).to(x.dtype)
 
 
 class Block(nn.Module):
@@ -312,8 +365,9 @@ class DeepFusion(nn.Module):
         self.backbone, d = make_backbone(args.backbone, image_size)
         self.head = Head(args.head, d, args.head_layers, args.head_heads, args.proj_dim)
 
-    def forward(self, views):  # (2B, 3, S, S) -> (2B, proj_dim)
-        return self.head(self.backbone(views.contiguous(memory_format=torch.channels_last)))
+    def forward(self, views):  # (2b, 3, S, S) this rank's views -> (2B, proj_dim) the global batch
+        h = self.backbone(views.contiguous(memory_format=torch.channels_last))  # this rank's (2b, D)
+        return self.head(gather(h, 2))  # the head attends over the global batch
 
 
 def nt_xent(z, tau):
@@ -378,8 +432,10 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes, epochs, seed, ba
 
 
 def fail(msg, status=2):
-    """One line on stderr and exit: 2 for bad input, 1 for a failed run."""
-    print("error: " + " ".join(str(msg).split()), file=sys.stderr)
+    """One line on stderr and exit: 2 for bad input, 1 for a failed run. Under torchrun every rank meets
+    the same error; rank 0 prints it."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print("error: " + " ".join(str(msg).split()), file=sys.stderr)
     raise SystemExit(status)
 
 
@@ -446,19 +502,38 @@ def save_checkpoint(path, state):
 if __name__ == "__main__":
     args, ckpt = parse_args()
     check_args(args)
+    # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain `python` run is one process and needs no setup.
+    # --batch-size is the global batch: every rank draws the same global batch and its randomness, and
+    # augments and encodes its shard of b = B / W images; the head and loss see all B (see gather).
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        fail(f"--batch-size {args.batch_size} (the global batch) must be divisible by the {world} processes")
+    b = args.batch_size // world
+    shard = slice(rank * b, (rank + 1) * b)  # this rank's images of each global batch
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         fail("--device cuda but no CUDA device is available")
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        # NCCL on GPUs, gloo on CPU; a long timeout because the other ranks wait while rank 0 evaluates
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
+        atexit.register(dist.destroy_process_group)
     amp = {"auto": ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "off"}.get(
         args.amp, args.amp)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same on every rank: same initial weights, data order, augmentation
 
+    if rank > 0:
+        dist.barrier()  # rank 0 downloads first; the others then read its files
     try:
         data = common.load_dataset(args.dataset, args.data_dir, args.download, args.image_size, args.num_samples)
     except common.UsageError as e:
         fail(e)
+    if rank == 0 and world > 1:
+        dist.barrier()
     N, size = len(data.pretrain_x), data.pretrain_x.shape[-1]
     if args.batch_size > N:
         fail(f"--batch-size {args.batch_size} is larger than the training set ({N} images)")
@@ -472,6 +547,10 @@ if __name__ == "__main__":
     probe = common.class_sorted(data.test_y, 256).to(device)  # labelled batch for the attention analysis
 
     model = DeepFusion(args, size).to(device).to(memory_format=torch.channels_last)
+    if args.sync_bn:  # the head's BatchNorm sees the global batch already; the backbone's needs syncing
+        for m in model.modules():
+            if type(m) is nn.BatchNorm2d:
+                m.__class__ = GlobalBatchNorm  # same parameters and buffers, so checkpoints stay compatible
     lr = args.lr * args.batch_size / 256  # linear scaling rule
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
@@ -497,14 +576,17 @@ if __name__ == "__main__":
         run_dir = os.path.join(args.output_dir, f"deepfusion__{args.dataset}__{args.seed}__{stamp}")
         while os.path.exists(run_dir):
             run_dir += "_"
-    train_model = torch.compile(model) if args.compile else model
-    os.makedirs(os.path.join(run_dir, "figures"), exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
-    metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-    log = lambda **kv: (metrics.write(json.dumps(kv) + "\n"), metrics.flush())
-    print(f"deepfusion | {args.dataset} {N} images {size}px | {device} amp={amp} | "
-          f"{steps_per_epoch} steps/epoch | run dir {run_dir}")
+    # DDP averages gradients over ranks (and checks that every rank starts from rank 0's weights)
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    train_model = torch.compile(train_model) if args.compile else train_model
+    if rank == 0:  # only rank 0 writes, logs, evaluates and checkpoints; `model` is the unwrapped module
+        os.makedirs(os.path.join(run_dir, "figures"), exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+        metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        log = lambda **kv: (metrics.write(json.dumps(kv) + "\n"), metrics.flush())
+        print(f"deepfusion | {args.dataset} {N} images {size}px | {device} amp={amp} | {world} process(es), "
+              f"{b} images each | {steps_per_epoch} steps/epoch | run dir {run_dir}")
 
     def evaluate(epoch):
         """k-NN on backbone features, and the same-class attention mass of every head layer.
@@ -525,14 +607,14 @@ if __name__ == "__main__":
                                   f"{v:.4f}" if isinstance(v, float) else f"{v}") for k, v in out.items()))
         return out, train_f, test_f
 
-    if ckpt is None:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            vg = torch.Generator(device).manual_seed(args.seed + 1)  # a figure must not move the training RNG
-            orig = train_x[:: max(1, len(train_x) // 8)][:8]  # spread over the set (folders are class-sorted)
-            grid = torch.cat([orig.float() / 255, views_of(orig, vg, args, size)])  # originals, view 1, view 2
-            up = max(1, 96 // size)  # enlarge small images so a person can see the augmentation
-            torchvision.utils.save_image(grid.repeat_interleave(up, 2).repeat_interleave(up, 3),
-                                         os.path.join(run_dir, "figures", "views.png"), nrow=8)
+    if ckpt is None and rank == 0:  # the other ranks go ahead and wait at the first all_gather
+        vg = torch.Generator(device).manual_seed(args.seed + 1)  # a figure must not move the training RNG
+        orig = train_x[:: max(1, len(train_x) // 8)][:8]  # spread over the set (folders are class-sorted)
+        views = views_of(orig, torch.rand(2, len(orig), NU, device=device, generator=vg), args, size)
+        grid = torch.cat([orig.float() / 255, views])  # originals, view 1, view 2
+        up = max(1, 96 // size)  # enlarge small images so a person can see the augmentation
+        torchvision.utils.save_image(grid.repeat_interleave(up, 2).repeat_interleave(up, 3),
+                                     os.path.join(run_dir, "figures", "views.png"), nrow=8)
         history["init"] = {k: v for k, v in evaluate(0)[0].items() if k not in ("event", "epoch", "step")}
 
     model.train()
@@ -543,14 +625,15 @@ if __name__ == "__main__":
         patience = 10 if amp == "fp16" else 1  # fp16: the GradScaler skips steps before we give up
         perm = torch.randperm(N, device=device, generator=g)
         for i in range(steps_per_epoch):
-            x = x_all[perm[i * args.batch_size:(i + 1) * args.batch_size]]
+            idx = perm[i * args.batch_size:(i + 1) * args.batch_size]  # the global batch, as on every rank
+            u = torch.rand(2, args.batch_size, NU, device=device, generator=g)  # and its views' randomness
             for group in opt.param_groups:  # warm-up then cosine, a function of the step (resumable)
                 group["lr"] = (lr * (step + 1) / warmup_steps if step < warmup_steps else
                                lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) /
                                                         max(1, total_steps - warmup_steps))))
-            views = norm(views_of(x, g, args, size))  # (2B, 3, S, S)
+            views = norm(views_of(x_all[idx[shard]], u[:, shard], args, size))  # this rank's (2b, 3, S, S)
             with autocast(device, amp_dtype):
-                z = train_model(views)  # (2B, proj_dim)
+                z = train_model(views)  # (2B, proj_dim): every rank has the whole global batch's outputs
             loss = nt_xent(z, args.tau)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -562,33 +645,37 @@ if __name__ == "__main__":
             bad_step = torch.where((bad_step < 0) & (bad_run >= patience), step + 1, bad_step)
             step += 1
             if step % args.log_every == 0 or i == steps_per_epoch - 1:  # the only host syncs of the loop
-                if bad_step.item() >= 0:
+                if bad_step.item() >= 0:  # the loss is the same on every rank, so all of them stop here
                     fail(f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}); stopping. "
                          f"The last good checkpoint is kept in {run_dir}", status=1)
-                seen = (i + 1) * args.batch_size
-                ips = seen / (time.time() - t0)
-                eta = ((total_steps - step) * args.batch_size) / ips
-                print(f"epoch {epoch + 1}/{args.epochs} step {step} loss {loss.item():.4f} "
-                      f"lr {opt.param_groups[0]['lr']:.4g} {ips:.0f} img/s eta {eta / 60:.1f} min")
+                if rank == 0:
+                    ips = (i + 1) * args.batch_size / (time.time() - t0)
+                    eta = ((total_steps - step) * args.batch_size) / ips
+                    print(f"epoch {epoch + 1}/{args.epochs} step {step} loss {loss.item():.4f} "
+                          f"lr {opt.param_groups[0]['lr']:.4g} {ips:.0f} img/s eta {eta / 60:.1f} min")
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.time() - t0
         history["train_seconds"] += seconds
         history["train_images"] += steps_per_epoch * args.batch_size
         epoch += 1
-        log(event="epoch", epoch=epoch, step=step, loss=(loss_sum / steps_per_epoch).item(),
-            lr=opt.param_groups[0]["lr"], seconds=seconds, images_per_sec=steps_per_epoch * args.batch_size / seconds)
-        if args.eval_every and epoch % args.eval_every == 0 and epoch < args.epochs:
-            evaluate(epoch)
-        save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
-            "method": "deepfusion", "args": asdict(args), "model": model.state_dict(),
-            "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
-            "history": history, "rng": {"torch": torch.get_rng_state(), "data": g.get_state().cpu(),
-                                        "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}})
+        if rank == 0:
+            log(event="epoch", epoch=epoch, step=step, loss=(loss_sum / steps_per_epoch).item(), lr=opt.param_groups[0]["lr"],
+                seconds=seconds, images_per_sec=steps_per_epoch * args.batch_size / seconds)
+            if args.eval_every and epoch % args.eval_every == 0 and epoch < args.epochs:
+                evaluate(epoch)
+            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
+                "method": "deepfusion", "args": asdict(args), "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
+                "history": history, "rng": {"torch": torch.get_rng_state(), "data": g.get_state().cpu(),
+                                            "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}})
         if args.stop_epoch is not None and epoch >= args.stop_epoch and epoch < args.epochs:
-            print(f"stopped after epoch {epoch} (--stop-epoch); resume with --resume {run_dir}/checkpoint.pt")
+            if rank == 0:
+                print(f"stopped after epoch {epoch} (--stop-epoch); resume with --resume {run_dir}/checkpoint.pt")
             raise SystemExit(0)
 
+    if rank > 0:
+        raise SystemExit(0)  # training is done; rank 0 evaluates alone
     final, train_f, test_f = evaluate(args.epochs)  # the linear probe reuses the k-NN features
     linear = linear_probe(train_f, train_y, test_f, test_y, n_cls, args.linear_epochs, args.seed)
     torch.save(model.backbone.state_dict(), os.path.join(run_dir, "backbone.pt"))

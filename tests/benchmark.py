@@ -99,8 +99,10 @@ def method_parts(name, args, x, device):
     mask = bam.same_image((2 + args.num_local_crops) * B, 2 * B, B, device) if name == "bam" else None
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bench.amp == "bf16")
 
-    def augment():
-        return mod.crops_of(x, g, args, size) if name == "bam" else (mod.views_of(x, g, args, size),)
+    def augment():  # the draw of the uniforms included, as in the training loop
+        if name == "bam":
+            return mod.crops_of(x, torch.rand(2 + args.num_local_crops, B, mod.NU, device=device, generator=g), args, size)
+        return (mod.views_of(x, torch.rand(2, B, mod.NU, device=device, generator=g), args, size),)
 
     def full_step():
         crops = augment()

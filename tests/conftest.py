@@ -13,11 +13,33 @@ sys.path.insert(0, ROOT)
 TINY = ["--dataset", "synthetic", "--image-size", "16", "--num-samples", "64", "--batch-size", "16",
         "--epochs", "2", "--linear-epochs", "2", "--eval-every", "1", "--log-every", "2", "--seed", "0"]
 
+# per file: flags that make it small and fast, what its summary adds, its figures, a flag that changes
+# the architecture (a checkpoint must then be refused), and non-positive values it must refuse
+METHODS = {
+    "deepfusion.py": dict(
+        fast=["--head-layers", "2"], analysis={"same_class_attention": 2, "same_class_chance": None},
+        figures=["attention_epoch0000.png", "attention_epoch0002.png"], other_arch=["--head-layers", "3"],
+        bad=[("--tau", "0"), ("--tau", "-0.5"), ("--head-heads", "0")]),
+    "transfusion.py": dict(
+        fast=["--fusion-blocks", "1", "--width", "32"],
+        analysis={"same_class_adjacency": 2, "same_class_chance": None, "partner_mass": None, "dead_rows": None},
+        figures=["adjacency_epoch0000.png", "adjacency_epoch0002.png"], other_arch=["--width", "64"],
+        bad=[("--width", "0"), ("--fusion-blocks", "-1")]),
+    "bam.py": dict(  # with the EMA teacher, so resume covers its state too
+        fast=["--num-local-crops", "1", "--proj-hidden", "64", "--proj-dim", "32", "--ema-teacher"],
+        analysis={"same_class_target": None, "same_class_chance": None, "sinkhorn_col_dev": None,
+                  "sinkhorn_row_dev": None, "embedding_std": None},
+        figures=["target_source_epoch0000.png", "target_source_epoch0002.png"], other_arch=["--no-ema-teacher"],
+        bad=[("--tau", "0"), ("--lam", "0"), ("--lam", "-1"), ("--sinkhorn-iters", "0")]),
+}
 
-def run_cli(script, *args, env=None, timeout=300):
-    """Run `python <script> args...` from the repository root; returns the CompletedProcess."""
+
+def run_cli(script, *args, env=None, timeout=300, processes=1):
+    """Run `python <script> args...` from the repository root, or with processes > 1
+    `torchrun --standalone --nproc-per-node <processes> <script> args...`; returns the CompletedProcess."""
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
+    launcher = [] if processes == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
+    return subprocess.run([sys.executable, *launcher, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
                           env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

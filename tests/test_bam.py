@@ -105,18 +105,18 @@ def test_ema_teacher_gets_no_gradient_and_moves_by_the_ema_rule():
 
 def test_multi_crop_shapes_and_per_crop_randomness():
     x = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8).repeat(3, 1, 1, 1)
-    glob, local = bam.crops_of(x, torch.Generator().manual_seed(0), bam.Args(num_local_crops=4), 32)
+    glob, local = bam.crops_of(x, torch.rand(6, 3, bam.NU), bam.Args(num_local_crops=4), 32)
     assert glob.shape == (6, 3, 32, 32) and local.shape == (12, 3, 16, 16)
     flat = [tuple(c.flatten()[:64].tolist()) for c in torch.cat([glob, torch.nn.functional.interpolate(local, 32)])]
     assert len(set(flat)) == 18  # every crop of every (identical) image its own draw
-    none = bam.crops_of(x, torch.Generator(), bam.Args(num_local_crops=0), 32)[1]
+    none = bam.crops_of(x, torch.rand(2, 3, bam.NU), bam.Args(num_local_crops=0), 32)[1]
     assert none.shape == (0, 3, 16, 16)
 
 
 def test_solarize():
     x = torch.full((2, 3, 8, 8), 200, dtype=torch.uint8)
     kw = dict(scale=(1, 1), ratio=(1, 1), flip_p=0, jitter_p=0, gray_p=0)
-    out = bam.augment(x, torch.Generator(), 8, solarize_p=1.0, **kw)
+    out = bam.augment(x, torch.rand(2, bam.NU), 8, solarize_p=1.0, **kw)
     assert torch.allclose(out, torch.full_like(out, 1 - 200 / 255))
 
 
@@ -131,7 +131,7 @@ def _train(args, steps, B=32, seed=0):
     mask = bam.same_image(V * B, 2 * B, B, "cpu")
     losses = []
     for _ in range(steps):
-        glob, local = bam.crops_of(x, g, args, 16)
+        glob, local = bam.crops_of(x, torch.rand(V, B, bam.NU, generator=g), args, 16)
         z, _ = model((glob - 0.5) / 0.25, (local - 0.5) / 0.25)
         keys = z[: 2 * B]
         target = bam.sinkhorn(z.detach() @ keys.detach().T, mask, args.lam, 3)[: 2 * B]

@@ -7,28 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import TINY, assert_usage_error, run_cli, run_dir_of
-
-# per file: flags that make it small and fast, what its summary adds, its figures, a flag that changes
-# the architecture (a checkpoint must then be refused), and non-positive values it must refuse
-METHODS = {
-    "deepfusion.py": dict(
-        fast=["--head-layers", "2"], analysis={"same_class_attention": 2, "same_class_chance": None},
-        figures=["attention_epoch0000.png", "attention_epoch0002.png"], other_arch=["--head-layers", "3"],
-        bad=[("--tau", "0"), ("--tau", "-0.5"), ("--head-heads", "0")]),
-    "transfusion.py": dict(
-        fast=["--fusion-blocks", "1", "--width", "32"],
-        analysis={"same_class_adjacency": 2, "same_class_chance": None, "partner_mass": None, "dead_rows": None},
-        figures=["adjacency_epoch0000.png", "adjacency_epoch0002.png"], other_arch=["--width", "64"],
-        bad=[("--width", "0"), ("--fusion-blocks", "-1")]),
-    "bam.py": dict(  # with the EMA teacher, so resume covers its state too
-        fast=["--num-local-crops", "1", "--proj-hidden", "64", "--proj-dim", "32", "--ema-teacher"],
-        analysis={"same_class_target": None, "same_class_chance": None, "sinkhorn_col_dev": None,
-                  "sinkhorn_row_dev": None, "embedding_std": None},
-        figures=["target_source_epoch0000.png", "target_source_epoch0002.png"], other_arch=["--no-ema-teacher"],
-        bad=[("--tau", "0"), ("--lam", "0"), ("--lam", "-1"), ("--sinkhorn-iters", "0")]),
-}
-
+from conftest import METHODS, TINY, assert_usage_error, run_cli, run_dir_of
 
 def _plain_resnet18():
     net = torchvision.models.resnet18()

@@ -17,31 +17,48 @@ def _images(n=6, size=16, seed=0):
     return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
 
 
+def _u(n, seed=0, cols=df.NU):
+    """Every sample's uniforms, as the training loop draws them."""
+    return torch.rand(n, cols, generator=torch.Generator().manual_seed(seed))
+
+
 # ----------------------------------------------------------------------------- augmentation
 
 
 def test_augment_shape_dtype_range():
     x = _images(5, 20)
-    v = df.augment(x, torch.Generator().manual_seed(0), 12, scale=(0.2, 1), blur_p=0.5)
+    v = df.augment(x, _u(5), 12, scale=(0.2, 1), blur_p=0.5)
     assert v.shape == (5, 3, 12, 12) and v.dtype == torch.float32
     assert v.min() >= 0 and v.max() <= 1
 
 
 def test_augment_is_per_sample_random_and_seeded():
     x = _images(1).repeat(8, 1, 1, 1)  # eight copies of one image
-    v = df.augment(x, torch.Generator().manual_seed(0), 16, scale=(0.2, 1))
+    v = df.augment(x, _u(8), 16, scale=(0.2, 1))
     assert len({tuple(vi.flatten()[:50].tolist()) for vi in v}) == 8  # every copy its own draws
-    y0, x0, h, w = df.crop_boxes(8, (0.2, 1), (3 / 4, 4 / 3), torch.Generator().manual_seed(0), "cpu")
+    y0, x0, h, w = df.crop_boxes(_u(8, cols=df.U_CROP), (0.2, 1), (3 / 4, 4 / 3))
     assert len(set(h.tolist())) == 8 and len(set(x0.tolist())) == 8  # two samples, two boxes
     assert ((h <= 1) & (w <= 1) & (y0 >= 0) & (y0 + h <= 1 + 1e-6) & (x0 + w <= 1 + 1e-6)).all()
     assert ((h * w >= 0.2 - 1e-6) & (h * w <= 1 + 1e-6)).all()
-    again = df.augment(x, torch.Generator().manual_seed(0), 16, scale=(0.2, 1))
+    again = df.augment(x, _u(8), 16, scale=(0.2, 1))
     assert torch.equal(v, again)
+
+
+def test_a_view_depends_only_on_its_image_and_its_uniforms():
+    # what lets each torchrun process augment only its shard of the global batch: a sample's view is
+    # the same whether it is augmented with the whole batch or with any part of it
+    x, u = _images(6, 20), _u(6)
+    whole = df.augment(x, u, 12, scale=(0.2, 1), blur_p=0.5)
+    halves = [df.augment(x[s], u[s], 12, scale=(0.2, 1), blur_p=0.5) for s in (slice(0, 3), slice(3, 6))]
+    assert torch.allclose(whole, torch.cat(halves), atol=1e-6)
+    u2 = torch.rand(2, 6, df.NU, generator=torch.Generator().manual_seed(1))  # views_of: view-major rows
+    assert torch.allclose(df.views_of(x, u2, df.Args(), 20)[6 + 4], df.views_of(x[4:5], u2[:, 4:5], df.Args(), 20)[1],
+                          atol=1e-6)
 
 
 def test_augment_identity():
     x = _images(4, 16)
-    v = df.augment(x, torch.Generator().manual_seed(0), 16, scale=(1, 1), ratio=(1, 1), flip_p=0,
+    v = df.augment(x, _u(4), 16, scale=(1, 1), ratio=(1, 1), flip_p=0,
                    jitter_p=0, gray_p=0, blur_p=0)
     assert torch.equal(v, x.float() / 255)
 
@@ -49,9 +66,9 @@ def test_augment_identity():
 def test_flip_and_grayscale_match_torchvision():
     x = _images(4, 16)
     kw = dict(scale=(1, 1), ratio=(1, 1), jitter_p=0, blur_p=0)
-    flipped = df.augment(x, torch.Generator(), 16, flip_p=1, gray_p=0, **kw)
+    flipped = df.augment(x, _u(4), 16, flip_p=1, gray_p=0, **kw)
     assert torch.allclose(flipped, TF.hflip(x.float() / 255))
-    grey = df.augment(x, torch.Generator(), 16, flip_p=0, gray_p=1, **kw)
+    grey = df.augment(x, _u(4), 16, flip_p=0, gray_p=1, **kw)
     assert torch.allclose(grey, TF.rgb_to_grayscale(x.float() / 255, 3), atol=1e-3)
 
 
@@ -77,7 +94,7 @@ def test_colour_ops_match_torchvision_without_clamping():
     for which, ref in ((0, TF.adjust_brightness), (1, TF.adjust_contrast), (2, TF.adjust_saturation)):
         jitter = [0.0, 0.0, 0.0, 0.0]
         jitter[which] = 0.4
-        M, o = df.colour_matrices(x, torch.Generator().manual_seed(3), jitter, 1.0, 0.0)
+        M, o = df.colour_matrices(x, _u(6, 3, cols=df.U_COLOUR), jitter, 1.0, 0.0)
         out = torch.einsum("bij,bjhw->bihw", M, x) + o[:, :, None, None]
         for b in range(6):
             factor = M[b, 0, 0].item() if which < 2 else None
@@ -89,7 +106,7 @@ def test_colour_ops_match_torchvision_without_clamping():
 
 def test_hue_rotation_keeps_grey_and_luma():
     x = torch.rand(6, 3, 8, 8)
-    M, o = df.colour_matrices(x, torch.Generator().manual_seed(0), (0, 0, 0, 0.5), 1.0, 0.0)
+    M, o = df.colour_matrices(x, _u(6, cols=df.U_COLOUR), (0, 0, 0, 0.5), 1.0, 0.0)
     grey = torch.full((3,), 0.5)
     assert torch.allclose(M @ grey, grey.expand(6, 3), atol=1e-5)  # greys have no hue to rotate
     luma = torch.tensor(df.GREY)

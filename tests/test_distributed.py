@@ -1,0 +1,84 @@
+"""torchrun (CPU, gloo): 2 processes, each with half of the global batch, take the same step as 1 process
+with the whole batch: the same loss, gradients and parameters, and the same outputs."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import METHODS, run_cli, run_dir_of
+
+# One optimizer step: 16 images, global batch 16 (8 per process); fp32; BatchNorm over the global batch
+# (per-process statistics differ from one process's by design, so --sync-bn is what makes them equal).
+ONE_STEP = ["--dataset", "synthetic", "--image-size", "16", "--num-samples", "16", "--batch-size", "16",
+            "--epochs", "1", "--linear-epochs", "2", "--eval-every", "0", "--seed", "0", "--amp", "off", "--sync-bn"]
+
+
+def _run(script, out, processes, *flags):
+    p = run_cli(script, *flags, "--output-dir", out, processes=processes)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return run_dir_of(out)
+
+
+def _losses(run):
+    return [r["loss"] for r in map(json.loads, open(os.path.join(run, "metrics.jsonl"))) if r["event"] == "epoch"]
+
+
+def _gradients(ckpt):
+    """Each parameter's gradient of the step, read from the optimizer state (the SGD momentum buffer is
+    grad + weight decay * param after one step, AdamW's exp_avg is (1 - beta1) grad)."""
+    state = ckpt["optimizer"]["state"]
+    return [s["momentum_buffer"] if "momentum_buffer" in s else s["exp_avg"] for _, s in sorted(state.items())]
+
+
+def _files(run):
+    return sorted(os.path.relpath(os.path.join(d, f), run) for d, _, fs in os.walk(run) for f in fs)
+
+
+@pytest.mark.parametrize("script", METHODS)
+def test_two_processes_take_the_one_process_step(script, tmp_path):
+    flags = [*ONE_STEP, *METHODS[script]["fast"]]
+    one = _run(script, tmp_path / "one", 1, *flags)
+    two = _run(script, tmp_path / "two", 2, *flags)
+    # Tolerances: float32 summation order. Two one-process runs with 1 and 2 threads differ as much:
+    # losses by 1e-6 relative, a parameter's gradient by up to 1% (median 0.002%-0.4% per file), and
+    # gradients that are 0 in exact arithmetic (a bias before a BatchNorm) by 1e-7 absolute.
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
+    a, b = [torch.load(os.path.join(r, "checkpoint.pt"), weights_only=True) for r in (one, two)]
+    ga, gb = _gradients(a), _gradients(b)
+    assert len(ga) == len(gb) > 0
+    for x, y in zip(ga, gb):  # a wrong gradient scale (DDP, all_gather) would be 50% off or more
+        assert (x - y).norm() <= 0.05 * x.norm() + 1e-6, (x.shape, (x - y).norm() / x.norm())
+    for k, v in a["model"].items():  # parameters and BatchNorm buffers
+        assert torch.allclose(v.float(), b["model"][k].float(), atol=1e-4), k
+    # the same outputs: files, arguments, summary entries
+    assert _files(one) == _files(two)
+    args = [json.load(open(os.path.join(r, "args.json"))) for r in (one, two)]
+    assert {**args[0], "output_dir": None} == {**args[1], "output_dir": None}
+    sa, sb = [json.load(open(os.path.join(r, "summary.json"))) for r in (one, two)]
+    assert sa.keys() == sb.keys() and sb["knn_acc"] == pytest.approx(sa["knn_acc"], abs=0.02)
+
+
+@pytest.mark.parametrize("script", METHODS)
+def test_resume_under_torchrun(script, tmp_path):
+    # 2 steps: interrupted after the first under torchrun, resumed under torchrun; compared with one
+    # uninterrupted single-process run
+    flags = [*ONE_STEP, *METHODS[script]["fast"], "--epochs", "2"]
+    one = _run(script, tmp_path / "one", 1, *flags)
+    two = _run(script, tmp_path / "two", 2, *flags, "--stop-epoch", "1")
+    assert len(_losses(two)) == 1
+    p = run_cli(script, "--resume", os.path.join(two, "checkpoint.pt"), processes=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
+    a, b = [torch.load(os.path.join(r, "checkpoint.pt"), weights_only=True) for r in (one, two)]
+    assert a["step"] == b["step"] == 2
+    for k, v in a["model"].items():
+        assert torch.allclose(v.float(), b["model"][k].float(), atol=1e-4), k
+
+
+def test_global_batch_must_split_evenly(tmp_path):
+    p = run_cli("deepfusion.py", *ONE_STEP, "--batch-size", "15", "--num-samples", "30", "--output-dir", tmp_path,
+                processes=2)
+    assert p.returncode != 0 and "divisible" in p.stderr
+    assert not os.path.exists(tmp_path) or not os.listdir(tmp_path)
