@@ -17,6 +17,7 @@ of the target affinity T (which samples belong together: the two views of an ima
 
 import atexit
 import contextlib
+import ctypes
 import datetime
 import io
 import json
@@ -125,8 +126,11 @@ class Args:
 # * brightness, saturation, hue (a rotation in YIQ space, the usual GPU approximation of the HSV hue
 #   shift) and grayscale are 3x3 colour matrices; contrast blends with the image's mean grey level,
 #   which an affine colour map moves affinely. So all colour ops fold into one per-sample affine map
-#   x -> M x + o, applied once. The four jitter ops come in a random order per sample, as in
-#   torchvision's ColorJitter (which draws one order per image).
+#   x -> M x + o, applied once (see colour_matrices for its closed form).
+# * torchvision's ColorJitter applies its four ops in a random order per image. In this linear model
+#   they commute (hue and saturation keep the grey level and the grey axis, brightness scales both,
+#   and contrast's offset comes out as (1 - c) b mean_grey in every order), so no order is drawn: the
+#   order only matters through torchvision's clamping after every op.
 # Differences from torchvision: boxes are not rounded to whole pixels; values are clamped to [0, 1]
 # once at the end instead of after every jitter op; blur is applied before the colour ops, which
 # commutes with them up to that clamping; hue is the YIQ rotation.
@@ -135,13 +139,25 @@ GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscal
 RGB2YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
 
 
+def colour_basis():
+    """(3, 3, 3): 1 g^T (every channel := grey level g^T x), I - 1 g^T (the chroma part of x) and the
+    chroma rotated by 90 degrees in the (I, Q) plane, i.e. T^-1 [[0, 0, 0], [0, 0, -1], [0, 1, 0]] T."""
+    T = torch.tensor(RGB2YIQ, dtype=torch.float64)
+    grey = torch.ones(3, 1, dtype=torch.float64) * T[:1]
+    rot = torch.linalg.inv(T) @ torch.tensor([[0, 0, 0], [0, 0, -1], [0, 1, 0]], dtype=torch.float64) @ T
+    return torch.stack([grey, torch.eye(3, dtype=torch.float64) - grey, rot]).float()
+
+
+COLOUR_BASIS = colour_basis()
+
+
 TRIES = 10  # RandomResizedCrop's attempts at a box that fits
 # A sample's randomness is one row u of NU uniforms in [0, 1), drawn for the whole (global) batch at
 # once. A view is then a function of its image and its row alone, whatever else is in the batch, so a
 # rank that augments only its shard makes exactly the views one process would make (see __main__).
 # Columns: crop (T area tries, T log-aspect tries, y, x), flip, blur, blur sigma, colour (jitter on,
-# brightness, contrast, saturation, hue, 4 keys whose argsort is the jitter order, grayscale).
-U_CROP, U_COLOUR = 2 * TRIES + 2, 10
+# brightness, contrast, saturation, hue, grayscale).
+U_CROP, U_COLOUR = 2 * TRIES + 2, 6
 NU = U_CROP + 3 + U_COLOUR
 
 
@@ -159,11 +175,15 @@ def crop_boxes(u, scale, ratio):
     return u[:, -2] * (1 - h), u[:, -1] * (1 - w), h, w
 
 
-def resample_matrix(start, length, n_in, n_out):
+def resample_matrix(start, length, n_in, n_out, flip=None):
     """Per-sample (n_out x n_in) matrices that resample the interval [start, start + length) (fractions
-    of the side) onto n_out pixels with a triangle filter of width max(1, input px per output px)."""
+    of the side) onto n_out pixels with a triangle filter of width max(1, input px per output px);
+    where flip (B,) is true, in mirrored order."""
     step = length * n_in / n_out  # input pixels per output pixel, (B,)
-    centre = start[:, None] * n_in + (torch.arange(n_out, device=start.device) + 0.5) * step[:, None] - 0.5
+    pos = torch.arange(n_out, device=start.device) + 0.5  # output pixel centres
+    if flip is not None:
+        pos = torch.where(flip[:, None], n_out - pos, pos)
+    centre = start[:, None] * n_in + pos * step[:, None] - 0.5
     support = step.clamp_min(1)[:, None, None]
     j = torch.arange(n_in, device=start.device)
     w = (j[None, None, :] - centre[:, :, None]).abs_().div_(support).neg_().add_(1).clamp_(min=0)  # (B, n_out, n_in)
@@ -184,54 +204,36 @@ def blur_matrix(sigma, n):
 
 
 def colour_matrices(x, u, jitter, jitter_p, gray_p):
-    """Per-sample affine colour map (M (B,3,3), o (B,3)) for jitter in random order, then grayscale;
-    u (B, 10): the sample's colour uniforms (see NU)."""
-    B, dev = len(x), x.device
-    mm = lambda P, Q: (P[..., :, :, None] * Q[..., None, :, :]).sum(-2)  # (B,3,3) @ (B,3,3), elementwise:
-    mv = lambda P, v: (P * v[..., None, :]).sum(-1)  # (B,3,3) @ (B,3); batched 3x3 bmm is far slower
+    """Per-sample affine colour map (M (B,3,3), o (B,3)) of colour jitter, then grayscale; u (B, 6): the
+    sample's colour uniforms (see NU). With brightness b, contrast c, saturation s, hue angle h:
+        M = b c [1 g^T + s cos(h) (I - 1 g^T) + s sin(h) rot],   o = (1 - c) b (g^T mean colour) 1
+    (saturation scales the chroma, hue rotates it, contrast blends with the mean grey level); grayscale
+    keeps only the first term (1 g^T M = b c 1 g^T)."""
     on = u[:, 0] < jitter_p
     bri, con, sat = [torch.where(on, max(0, 1 - s) + (1 + s - max(0, 1 - s)) * u[:, 1 + j], 1.0)
                      for j, s in enumerate(jitter[:3])]
     hue = torch.where(on, (2 * u[:, 4] - 1) * jitter[3], 0.0) * 2 * math.pi
-    order = u[:, 5:9].argsort(1)  # per-sample order of the 4 ops
-    I = torch.eye(3, device=dev).expand(B, 3, 3)
-    grey = torch.tensor(GREY, device=dev)
-    ones_grey = torch.ones(3, 1, device=dev) * grey[None]  # 1 g^T: every channel := grey level
-    T = torch.tensor(RGB2YIQ, device=dev)
-    cos, sin = hue.cos(), hue.sin()
-    R = torch.zeros(B, 3, 3, device=dev)
-    R[:, 0, 0], R[:, 1, 1], R[:, 1, 2], R[:, 2, 1], R[:, 2, 2] = 1, cos, -sin, sin, cos
-    A_hue = I + mm(mm(torch.linalg.inv(T).expand(B, 3, 3), R - I), T.expand(B, 3, 3))  # exactly I when hue = 0
-    A_bri = bri[:, None, None] * I
-    A_con = con[:, None, None] * I
-    A_sat = sat[:, None, None] * I + (1 - sat)[:, None, None] * ones_grey
-    mu0 = x.mean((2, 3))  # (B, 3) mean colour of the view before colour ops
-    M, o = I, torch.zeros(B, 3, device=dev)
-    for r in range(4):
-        k = order[:, r, None, None]
-        A = torch.where(k == 0, A_bri, torch.where(k == 1, A_con, torch.where(k == 2, A_sat, A_hue)))
-        mu = mv(M, mu0) + o  # current mean colour
-        d = ((1 - con) * (mu @ grey))[:, None].expand(B, 3) * (order[:, r] == 1)[:, None]  # contrast offset
-        M, o = mm(A, M), mv(A, o) + d
-    gray = (u[:, 9] < gray_p)[:, None, None]
-    G = torch.where(gray, ones_grey.expand(B, 3, 3), I)
-    return mm(G, M), mv(G, o)
+    chroma = sat * (u[:, 5] >= gray_p)  # grayscale: no chroma left
+    coef = torch.stack([torch.ones_like(sat), chroma * hue.cos(), chroma * hue.sin()], 1) * (bri * con)[:, None]
+    M = (coef @ COLOUR_BASIS.to(x.device).view(3, 9)).view(-1, 3, 3)
+    mean_grey = x.mean((2, 3)) @ torch.tensor(GREY, device=x.device)  # of the view before colour ops
+    return M, ((1 - con) * bri * mean_grey)[:, None].expand(-1, 3)
 
 
 def augment(x, u, size, scale, ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter=(0.4, 0.4, 0.4, 0.1),
             jitter_p=0.8, gray_p=0.2, blur_p=0.0):
-    """uint8 (B, 3, H, W) -> float (B, 3, size, size) in [0, 1]; sample i's crop box, flip, jitter factors
-    and order, grayscale and blur all come from its uniforms u[i] (u: (B, NU), on x's device)."""
+    """uint8 (B, 3, H, W) -> float (B, 3, size, size) in [0, 1]; sample i's crop box, flip, colour jitter,
+    grayscale and blur all come from its uniforms u[i] (u: (B, NU), on x's device)."""
     B, _, H, W = x.shape
     box, flip, blur, sigma, colour = u.split((U_CROP, 1, 1, 1, U_COLOUR), dim=1)
     y0, x0, h, w = crop_boxes(box, scale, ratio)
-    Ry, Rx = resample_matrix(y0, h, H, size), resample_matrix(x0, w, W, size)
-    Rx = torch.where(flip[:, :, None] < flip_p, Rx.flip(1), Rx)  # mirror the output columns
+    Ry, Rx = resample_matrix(y0, h, H, size), resample_matrix(x0, w, W, size, flip=flip[:, 0] < flip_p)
     if blur_p > 0:  # one sigma ~ U(0.1, 2) per sample for both axes, as torchvision's GaussianBlur
         Gb, blur = blur_matrix(0.1 + 1.9 * sigma[:, 0], size), blur[:, :, None] < blur_p
         Ry, Rx = torch.where(blur, Gb @ Ry, Ry), torch.where(blur, Gb @ Rx, Rx)
-    # columns, then rows, in the layouts that need no copies (measured fastest of four on one CPU thread)
-    v = torch.bmm(x.reshape(B, 3 * H, W).float().div_(255), Rx.transpose(1, 2).contiguous())  # (B, 3H, size)
+    # columns, then rows, in the layouts that need no copies (measured fastest of four on one CPU thread);
+    # 1 / 255 folded into Rx
+    v = torch.bmm(x.reshape(B, 3 * H, W).float(), Rx.transpose(1, 2).contiguous().div_(255))  # (B, 3H, size)
     v = torch.matmul(Ry[:, None], v.view(B, 3, H, size))  # (B, 3, size, size)
     M, o = colour_matrices(v, colour, jitter, jitter_p, gray_p)
     return torch.baddbmm(o[:, :, None], M, v.reshape(B, 3, size * size)).view(B, 3, size, size).clamp_(0, 1)  # M v + o
@@ -498,6 +500,18 @@ def check_args(args):
             fail(f"--{name.replace('_', '-')} is a probability, got {getattr(args, name)}")
 
 
+def keep_freed_memory():
+    """CPU with glibc: keep freed memory for reuse instead of returning it to the OS. A step allocates
+    tensors of a few MB; by default glibc unmaps or trims them when they are freed, so the next step
+    page-faults them in again (measured: the batched augmentation ran at half speed on CPU)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, Windows, musl): nothing to do
+        return
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB (glibc's maximum) come from the heap
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap instead of trimming it
+
+
 def save_checkpoint(path, state):
     """Atomic: a crash mid-write never leaves a truncated checkpoint.pt."""
     torch.save(state, path + ".tmp")
@@ -519,6 +533,8 @@ if __name__ == "__main__":
                           "cpu" if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         fail("--device cuda but no CUDA device is available")
+    if device.type == "cpu":
+        keep_freed_memory()
     if world > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -3,9 +3,11 @@
     python tests/benchmark.py                       # CPU, batch 256, ResNet-18
     python tests/benchmark.py --device cuda         # adds images/s and s/epoch with bf16 (+ --compile)
 
-Prints a table and writes benchmark.json. Every figure is a median over --repeats after a warm-up:
+Prints a table and writes benchmark.json. Every figure is a median over --repeats after a warm-up; the
+two sides of a ratio are timed in turns, so a slow period of a shared machine slows both alike:
 1. augmentation: each file's batched augmentation against torchvision's per-image PIL pipeline with the
-   same operations (one process, --threads threads), views per second and the ratio;
+   same operations, both ending in the input normalisation (one process, --threads threads), views per
+   second and the ratio;
 2. step overhead: one full training step (augmentation, backbone, head, loss, backward, optimizer) over a
    backbone-only step (forward, trivial loss, backward, optimizer) on the same views, crop sizes and AMP;
 3. peak memory of the full step (CPU: peak RSS increase of a fresh process; CUDA: max_memory_allocated);
@@ -47,7 +49,9 @@ class Bench:
     backbone: Literal["resnet18", "resnet50"] = "resnet18"
     """torchvision ResNet"""
     repeats: int = 5
-    """timed repeats per figure (the median is reported); one warm-up run is not counted"""
+    """timed repeats of the step figures (the median is reported); one warm-up run is not counted"""
+    aug_repeats: int = 15
+    """timed repeats of the augmentation figures (each about 0.2 s)"""
     threads: int = 1
     """torch threads for the augmentation comparison (the PIL pipeline runs on one)"""
     images: Optional[str] = None
@@ -61,19 +65,22 @@ class Bench:
     """internal: measure the peak memory of one method's step in this (fresh) process"""
 
 
-def median_seconds(fn, repeats, sync):
-    fn()  # warm-up
-    sync()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+def median_seconds(fns, repeats, sync):
+    """Median seconds of each function, one warm-up call each, then timed in turns."""
+    for fn in fns:
         fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    sync()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            sync()
+            ts.append(time.perf_counter() - t)
+    return [statistics.median(ts) for ts in times]
 
 
-def pil_pipeline(size, scale, blur=False, solarize=0.0):
+def pil_pipeline(size, scale, mean, std, blur=False, solarize=0.0):
     """torchvision's per-image SimCLR/DINO pipeline with the operations our batched code does."""
     import torchvision.transforms as T
     ops = [T.RandomResizedCrop(size, scale=scale), T.RandomHorizontalFlip(),
@@ -82,7 +89,13 @@ def pil_pipeline(size, scale, blur=False, solarize=0.0):
         ops.append(T.RandomApply([T.GaussianBlur(3, (0.1, 2.0))], p=0.5))
     if solarize:
         ops.append(T.RandomSolarize(128, p=solarize))
-    return T.Compose(ops + [T.ToTensor()])
+    return T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+def image_stats(x):
+    """Per-channel mean and std of uint8 images, in [0, 1] units."""
+    xf = x.float().div(255)
+    return xf.mean((0, 2, 3)).tolist(), xf.std((0, 2, 3)).tolist()
 
 
 def method_parts(name, args, x, device):
@@ -99,10 +112,14 @@ def method_parts(name, args, x, device):
     mask = bam.same_image((2 + args.num_local_crops) * B, 2 * B, B, device) if name == "bam" else None
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bench.amp == "bf16")
 
-    def augment():  # the draw of the uniforms included, as in the training loop
+    mean, std = [torch.tensor(s, device=device).view(1, 3, 1, 1) for s in image_stats(x)]
+
+    def augment():  # as the training loop: draw the uniforms, augment, normalise
         if name == "bam":
-            return mod.crops_of(x, torch.rand(2 + args.num_local_crops, B, mod.NU, device=device, generator=g), args, size)
-        return (mod.views_of(x, torch.rand(2, B, mod.NU, device=device, generator=g), args, size),)
+            crops = mod.crops_of(x, torch.rand(2 + args.num_local_crops, B, mod.NU, device=device, generator=g), args, size)
+        else:
+            crops = (mod.views_of(x, torch.rand(2, B, mod.NU, device=device, generator=g), args, size),)
+        return [(c - mean) / std for c in crops]
 
     def full_step():
         crops = augment()
@@ -153,6 +170,8 @@ def load_images(n):
 if __name__ == "__main__":
     bench = tyro.cli(Bench)
     device = torch.device(bench.device)
+    if device.type == "cpu":
+        deepfusion.keep_freed_memory()  # as the training scripts do on CPU
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     if bench.memory_of:  # child process: peak memory of one method's full step
@@ -178,24 +197,26 @@ if __name__ == "__main__":
     results = {"config": {**vars(bench), "source": source, "torch": torch.__version__, "cpus": os.cpu_count()},
                "methods": {}}
     print(f"{source}; device {device}; batch {bench.batch_size}; {bench.backbone}; amp {bench.amp}; "
-          f"median of {bench.repeats}")
+          f"medians of {bench.aug_repeats} (augmentation) and {bench.repeats} (steps)")
 
     # 1. augmentation throughput
     torch.set_num_threads(bench.threads)
     pil_images = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in x[:256]]
+    stats = image_stats(x)
     for name in METHODS:
         args = method_args(name, bench.backbone)
         if name == "bam":
-            pipes = [pil_pipeline(32, args.global_scale), pil_pipeline(32, args.global_scale, solarize=0.2)] + [
-                pil_pipeline(16, args.local_scale)] * args.num_local_crops
+            pipes = [pil_pipeline(32, args.global_scale, *stats), pil_pipeline(32, args.global_scale, *stats, solarize=0.2)
+                     ] + [pil_pipeline(16, args.local_scale, *stats)] * args.num_local_crops
         else:
-            pipes = [pil_pipeline(32, (0.2, 1.0))] * 2
-        pil_s = median_seconds(lambda: [p(im) for im in pil_images for p in pipes], bench.repeats, lambda: None)
-        pil_vps = len(pil_images) * len(pipes) / pil_s
+            pipes = [pil_pipeline(32, (0.2, 1.0), *stats)] * 2
         xb = x[:512].to(device)
         augment = method_parts(name, args, xb, device)[0]
-        ours_s = median_seconds(augment, bench.repeats, sync)
-        ours_vps = len(xb) * len(pipes) / ours_s
+        calls = 10  # ours is fast: time several batches per repeat, about as long as the PIL side
+        ours_s, pil_s = median_seconds([lambda: [augment() for _ in range(calls)],
+                                        lambda: [p(im) for im in pil_images for p in pipes]], bench.aug_repeats, sync)
+        pil_vps = len(pil_images) * len(pipes) / pil_s
+        ours_vps = calls * len(xb) * len(pipes) / ours_s
         results["methods"][name] = {"aug_views_per_sec": ours_vps, "pil_views_per_sec": pil_vps,
                                     "aug_speedup_vs_pil": ours_vps / pil_vps}
     torch.set_num_threads(os.cpu_count() if device.type == "cpu" else torch.get_num_threads())
@@ -205,8 +226,7 @@ if __name__ == "__main__":
     for name in METHODS if bench.steps else ():
         torch.manual_seed(0)
         _, full_step, inputs, model = method_parts(name, method_args(name, bench.backbone), xb, device)
-        full = median_seconds(full_step, bench.repeats, sync)
-        base = median_seconds(backbone_step(model, inputs, device), bench.repeats, sync)
+        full, base = median_seconds([full_step, backbone_step(model, inputs, device)], bench.repeats, sync)
         child = subprocess.run([sys.executable, __file__, "--memory-of", name, "--device", bench.device,
                                 "--batch-size", str(bench.batch_size), "--backbone", bench.backbone,
                                 "--amp", bench.amp], capture_output=True, text=True)
@@ -222,7 +242,7 @@ if __name__ == "__main__":
                 _, full_step, _, model = method_parts(name, method_args(name, bench.backbone), xb, device)
                 if compiled:
                     model.forward = torch.compile(model.forward)
-                s = median_seconds(full_step, bench.repeats, sync)
+                s = median_seconds([full_step], bench.repeats, sync)[0]
                 key = "compiled" if compiled else "eager"
                 results["methods"][name][f"cuda_images_per_sec_{key}"] = bench.batch_size / s
                 results["methods"][name][f"cuda_seconds_per_cifar10_epoch_{key}"] = 50_000 / (bench.batch_size / s)

@@ -60,7 +60,7 @@ def test_augment_identity():
     x = _images(4, 16)
     v = df.augment(x, _u(4), 16, scale=(1, 1), ratio=(1, 1), flip_p=0,
                    jitter_p=0, gray_p=0, blur_p=0)
-    assert torch.equal(v, x.float() / 255)
+    assert torch.allclose(v, x.float() / 255, atol=1e-6)
 
 
 def test_flip_and_grayscale_match_torchvision():
@@ -112,6 +112,36 @@ def test_hue_rotation_keeps_grey_and_luma():
     luma = torch.tensor(df.GREY)
     assert torch.allclose(luma @ M, luma.expand(6, 3), atol=2e-3)  # brightness (Y) is kept
     assert not torch.allclose(M, torch.eye(3).expand(6, 3, 3), atol=1e-2)
+
+
+def test_colour_map_is_the_jitter_ops_in_any_order():
+    # the four jitter ops applied one after another (unclamped), in two different orders, then
+    # grayscale for some samples, give the closed-form M x + o
+    x, u = torch.rand(8, 3, 6, 6), _u(8, 5, cols=df.U_COLOUR)
+    u[:, 0], u[:4, 5], u[4:, 5] = 0.0, 0.0, 1.0  # jitter on for all; grayscale for the first four
+    jitter = (0.4, 0.4, 0.4, 0.1)
+    factor = lambda j, s: max(0, 1 - s) + (1 + s - max(0, 1 - s)) * u[:, 1 + j, None, None, None]
+    b, c, s = (factor(j, jitter[j]) for j in range(3))
+    h = ((2 * u[:, 4] - 1) * jitter[3] * 2 * math.pi)[:, None, None, None]
+    T = torch.tensor(df.RGB2YIQ)
+    grey = lambda v: torch.einsum("c,bchw->bhw", torch.tensor(df.GREY), v)[:, None]
+    ops = {
+        "brightness": lambda v: b * v,
+        "contrast": lambda v: c * v + (1 - c) * grey(v).mean((2, 3), keepdim=True),
+        "saturation": lambda v: s * v + (1 - s) * grey(v),
+        "hue": lambda v: torch.einsum("ij,bjhw->bihw", torch.linalg.inv(T), torch.stack([
+            (yiq := torch.einsum("ij,bjhw->bihw", T, v))[:, 0],
+            h[:, 0].cos() * yiq[:, 1] - h[:, 0].sin() * yiq[:, 2],
+            h[:, 0].sin() * yiq[:, 1] + h[:, 0].cos() * yiq[:, 2]], 1)),
+    }
+    M, o = df.colour_matrices(x, u, jitter, 0.8, 0.2)
+    closed = torch.einsum("bij,bjhw->bihw", M, x) + o[:, :, None, None]
+    for order in (["brightness", "contrast", "saturation", "hue"], ["hue", "saturation", "contrast", "brightness"]):
+        v = x
+        for name in order:
+            v = ops[name](v)
+        v = torch.where(torch.arange(8)[:, None, None, None] < 4, grey(v).expand(-1, 3, -1, -1), v)
+        assert torch.allclose(closed, v, atol=1e-5), order
 
 
 def test_blur_matrix_rows_are_normalised_and_smooth():
