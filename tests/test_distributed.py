@@ -70,11 +70,14 @@ def test_resume_under_torchrun(script, tmp_path):
     assert len(_losses(two)) == 1
     p = run_cli(script, "--resume", os.path.join(two, "checkpoint.pt"), processes=2)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
+    # float noise grows with the second step (measured for deepfusion: one-process runs with 1 and 2 threads
+    # end 7e-5 apart in a parameter, this comparison 1.4e-4; second-step losses 2e-5 and 6e-5 relative);
+    # resuming with the wrong data order, augmentation or state would be far outside these tolerances
+    assert _losses(two) == pytest.approx(_losses(one), rel=5e-4)
     a, b = [torch.load(os.path.join(r, "checkpoint.pt"), weights_only=True) for r in (one, two)]
     assert a["step"] == b["step"] == 2
     for k, v in a["model"].items():
-        assert torch.allclose(v.float(), b["model"][k].float(), atol=1e-4), k
+        assert torch.allclose(v.float(), b["model"][k].float(), atol=1e-3), k
 
 
 def test_global_batch_must_split_evenly(tmp_path):
