@@ -600,7 +600,7 @@ if __name__ == "__main__":
         run_dir = os.path.join(args.output_dir, f"transfusion__{args.dataset}__{args.seed}__{stamp}")
         while os.path.exists(run_dir):
             run_dir += "_"
-    # DDP averages gradients over ranks (and checks that every rank starts from rank 0's weights)
+    # DDP averages gradients over ranks (and starts every rank from rank 0's weights and buffers)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     train_model = torch.compile(train_model) if args.compile else train_model
     if rank == 0:  # only rank 0 writes, logs, evaluates and checkpoints; `model` is the unwrapped module
