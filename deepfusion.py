@@ -12,6 +12,7 @@ draws it. Only the backbone is kept for downstream use and evaluation.
 
     python deepfusion.py --batch-size 512 --dataset cifar10
     python deepfusion.py --dataset synthetic --epochs 1        # offline smoke run
+    torchrun --nproc-per-node 8 deepfusion.py --batch-size 4096 --sync-bn   # 8 GPUs; the batch is global
 """
 
 import atexit
@@ -600,8 +601,8 @@ if __name__ == "__main__":
             json.dump(asdict(args), f, indent=2)
         metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         log = lambda **kv: (metrics.write(json.dumps(kv) + "\n"), metrics.flush())
-        print(f"deepfusion | {args.dataset} {N} images {size}px | {device} amp={amp} | {world} process(es), "
-              f"{b} images each | {steps_per_epoch} steps/epoch | run dir {run_dir}")
+        print(f"deepfusion | {args.dataset} {N} images {size}px | {device} amp={amp} | batch {args.batch_size}"
+              + (f" = {world} processes x {b}" if world > 1 else "") + f" | {steps_per_epoch} steps/epoch | run dir {run_dir}")
 
     def evaluate(epoch):
         """k-NN on backbone features, and the same-class attention mass of every head layer.
