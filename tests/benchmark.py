@@ -98,9 +98,14 @@ def image_stats(x):
     return xf.mean((0, 2, 3)).tolist(), xf.std((0, 2, 3)).tolist()
 
 
-def method_parts(name, args, x, device):
-    """(augment: x -> inputs, full_step: () -> None, backbone_step_inputs, model) for one method, built
-    from the file's own components exactly as its training loop uses them."""
+def autocast(device):
+    """The AMP setting of both step figures."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bench.amp == "bf16")
+
+
+def method_parts(name, args, x, stats, device):
+    """(augment: () -> inputs, full_step: () -> None, backbone_step_inputs, model) for one method, built
+    from the file's own components exactly as its training loop uses them; stats: image_stats."""
     mod = {"deepfusion": deepfusion, "transfusion": transfusion, "bam": bam}[name]
     size = x.shape[-1]
     g = torch.Generator(device).manual_seed(0)
@@ -110,9 +115,7 @@ def method_parts(name, args, x, device):
     B = len(x)
     pair = torch.arange(B, device=device).repeat(2)
     mask = bam.same_image((2 + args.num_local_crops) * B, 2 * B, B, device) if name == "bam" else None
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bench.amp == "bf16")
-
-    mean, std = [torch.tensor(s, device=device).view(1, 3, 1, 1) for s in image_stats(x)]
+    mean, std = [torch.tensor(s, device=device).view(1, 3, 1, 1) for s in stats]
 
     def augment():  # as the training loop: draw the uniforms, augment, normalise
         if name == "bam":
@@ -123,7 +126,7 @@ def method_parts(name, args, x, device):
 
     def full_step():
         crops = augment()
-        with torch.autocast(**amp):
+        with autocast(device):
             out = model(*crops)
         if name == "deepfusion":
             loss = deepfusion.nt_xent(out, args.tau)
@@ -144,10 +147,9 @@ def method_parts(name, args, x, device):
 def backbone_step(model, inputs, device):
     """Backbone only on the same crops: forward, a trivial loss, backward, optimizer."""
     opt = torch.optim.SGD(model.backbone.parameters(), lr=1e-3, momentum=0.9)
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bench.amp == "bf16")
 
     def step():
-        with torch.autocast(**amp):
+        with autocast(device):
             loss = sum(model.backbone(c.contiguous(memory_format=torch.channels_last)).float().square().mean()
                        for c in inputs if len(c))
         opt.zero_grad(set_to_none=True)
@@ -177,7 +179,7 @@ if __name__ == "__main__":
     if bench.memory_of:  # child process: peak memory of one method's full step
         x, _ = load_images(bench.batch_size)
         _, full_step, _, _ = method_parts(bench.memory_of, method_args(bench.memory_of, bench.backbone),
-                                          x.to(device), device)
+                                          x.to(device), image_stats(x), device)
         def status(key):  # KiB, Linux
             return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1])
         with open("/proc/self/clear_refs", "w") as f:
@@ -194,6 +196,7 @@ if __name__ == "__main__":
         raise SystemExit(0)
 
     x, source = load_images(max(bench.batch_size, 512))
+    stats = image_stats(x)  # the input normalisation, the same for both sides
     results = {"config": {**vars(bench), "source": source, "torch": torch.__version__, "cpus": os.cpu_count()},
                "methods": {}}
     print(f"{source}; device {device}; batch {bench.batch_size}; {bench.backbone}; amp {bench.amp}; "
@@ -202,7 +205,7 @@ if __name__ == "__main__":
     # 1. augmentation throughput
     torch.set_num_threads(bench.threads)
     pil_images = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in x[:256]]
-    stats = image_stats(x)
+    xb = x[:512].to(device)
     for name in METHODS:
         args = method_args(name, bench.backbone)
         if name == "bam":
@@ -210,8 +213,7 @@ if __name__ == "__main__":
                      ] + [pil_pipeline(16, args.local_scale, *stats)] * args.num_local_crops
         else:
             pipes = [pil_pipeline(32, (0.2, 1.0), *stats)] * 2
-        xb = x[:512].to(device)
-        augment = method_parts(name, args, xb, device)[0]
+        augment = method_parts(name, args, xb, stats, device)[0]
         calls = 10  # ours is fast: time several batches per repeat, about as long as the PIL side
         ours_s, pil_s = median_seconds([lambda: [augment() for _ in range(calls)],
                                         lambda: [p(im) for im in pil_images for p in pipes]], bench.aug_repeats, sync)
@@ -225,7 +227,7 @@ if __name__ == "__main__":
     xb = x[: bench.batch_size].to(device)
     for name in METHODS if bench.steps else ():
         torch.manual_seed(0)
-        _, full_step, inputs, model = method_parts(name, method_args(name, bench.backbone), xb, device)
+        _, full_step, inputs, model = method_parts(name, method_args(name, bench.backbone), xb, stats, device)
         full, base = median_seconds([full_step, backbone_step(model, inputs, device)], bench.repeats, sync)
         child = subprocess.run([sys.executable, __file__, "--memory-of", name, "--device", bench.device,
                                 "--batch-size", str(bench.batch_size), "--backbone", bench.backbone,
@@ -239,7 +241,7 @@ if __name__ == "__main__":
         for name in METHODS:
             for compiled in (False, True):
                 torch.manual_seed(0)
-                _, full_step, _, model = method_parts(name, method_args(name, bench.backbone), xb, device)
+                _, full_step, _, model = method_parts(name, method_args(name, bench.backbone), xb, stats, device)
                 if compiled:
                     model.forward = torch.compile(model.forward)
                 s = median_seconds([full_step], bench.repeats, sync)[0]

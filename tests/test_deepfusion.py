@@ -51,7 +51,7 @@ def test_a_view_depends_only_on_its_image_and_its_uniforms():
     whole = df.augment(x, u, 12, scale=(0.2, 1), blur_p=0.5)
     halves = [df.augment(x[s], u[s], 12, scale=(0.2, 1), blur_p=0.5) for s in (slice(0, 3), slice(3, 6))]
     assert torch.allclose(whole, torch.cat(halves), atol=1e-6)
-    u2 = torch.rand(2, 6, df.NU, generator=torch.Generator().manual_seed(1))  # views_of: view-major rows
+    u2 = _u(12, 1).view(2, 6, df.NU)  # views_of: view-major rows
     assert torch.allclose(df.views_of(x, u2, df.Args(), 20)[6 + 4], df.views_of(x[4:5], u2[:, 4:5], df.Args(), 20)[1],
                           atol=1e-6)
 

@@ -32,6 +32,10 @@ def _gradients(ckpt):
     return [s["momentum_buffer"] if "momentum_buffer" in s else s["exp_avg"] for _, s in sorted(state.items())]
 
 
+def _checkpoints(*runs):
+    return [torch.load(os.path.join(r, "checkpoint.pt"), weights_only=True) for r in runs]
+
+
 def _files(run):
     return sorted(os.path.relpath(os.path.join(d, f), run) for d, _, fs in os.walk(run) for f in fs)
 
@@ -45,7 +49,7 @@ def test_two_processes_take_the_one_process_step(script, tmp_path):
     # losses by 1e-6 relative, a parameter's gradient by up to 1% (median 0.002%-0.4% per file), and
     # gradients that are 0 in exact arithmetic (a bias before a BatchNorm) by 1e-7 absolute.
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
-    a, b = [torch.load(os.path.join(r, "checkpoint.pt"), weights_only=True) for r in (one, two)]
+    a, b = _checkpoints(one, two)
     ga, gb = _gradients(a), _gradients(b)
     assert len(ga) == len(gb) > 0
     for x, y in zip(ga, gb):  # a wrong gradient scale (DDP, all_gather) would be 50% off or more
@@ -74,7 +78,7 @@ def test_resume_under_torchrun(script, tmp_path):
     # end 7e-5 apart in a parameter, this comparison 1.4e-4; second-step losses 2e-5 and 6e-5 relative);
     # resuming with the wrong data order, augmentation or state would be far outside these tolerances
     assert _losses(two) == pytest.approx(_losses(one), rel=5e-4)
-    a, b = [torch.load(os.path.join(r, "checkpoint.pt"), weights_only=True) for r in (one, two)]
+    a, b = _checkpoints(one, two)
     assert a["step"] == b["step"] == 2
     for k, v in a["model"].items():
         assert torch.allclose(v.float(), b["model"][k].float(), atol=1e-3), k
