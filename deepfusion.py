@@ -433,10 +433,10 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes, epochs, seed, ba
 # ----------------------------------------------------------------------------- run plumbing
 
 
-def fail(msg, status=2):
+def fail(msg, status=2, every_rank=False):
     """One line on stderr and exit: 2 for bad input, 1 for a failed run. Under torchrun every rank meets
-    the same error; rank 0 prints it."""
-    if int(os.environ.get("RANK", 0)) == 0:
+    the same error and rank 0 prints it; every_rank: an error of this rank alone, which it prints."""
+    if every_rank or int(os.environ.get("RANK", 0)) == 0:
         print("error: " + " ".join(str(msg).split()), file=sys.stderr)
     raise SystemExit(status)
 
@@ -542,14 +542,22 @@ if __name__ == "__main__":
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
     torch.manual_seed(args.seed)  # the same on every rank: same initial weights, data order, augmentation
 
-    if rank > 0:
-        dist.barrier()  # rank 0 downloads first; the others then read its files
-    try:
-        data = common.load_dataset(args.dataset, args.data_dir, args.download, args.image_size, args.num_samples)
-    except common.UsageError as e:
-        fail(e)
-    if rank == 0 and world > 1:
-        dist.barrier()
+    def load():
+        try:
+            return common.load_dataset(args.dataset, args.data_dir, args.download, args.image_size, args.num_samples), None
+        except common.UsageError as e:
+            return None, str(e)
+    data, error = load() if rank == 0 else (None, None)
+    if world > 1:  # rank 0 loads (and downloads) first; the others learn how that went, then read its files
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+        if rank > 0 and error is None:
+            data, own = load()
+            if own is not None:  # e.g. --data-dir not shared between nodes
+                fail(f"rank {rank}: {own}", every_rank=True)
+    if error is not None:
+        fail(error)  # the same for every rank; rank 0 prints it
     N, size = len(data.pretrain_x), data.pretrain_x.shape[-1]
     if args.batch_size > N:
         fail(f"--batch-size {args.batch_size} is larger than the training set ({N} images)")

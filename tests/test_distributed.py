@@ -89,3 +89,16 @@ def test_global_batch_must_split_evenly(tmp_path):
                 processes=2)
     assert p.returncode != 0 and "divisible" in p.stderr
     assert not os.path.exists(tmp_path) or not os.listdir(tmp_path)
+
+
+def test_failed_download_under_torchrun_is_one_error_line(tmp_path):
+    # rank 0 downloads while the others wait: they must learn that it failed and stop quietly,
+    # not crash at a barrier with tracebacks that bury rank 0's message
+    proxy = "http://127.0.0.1:9"  # refuses at once, as a machine without network does
+    p = run_cli("bam.py", "--dataset", "cifar10", "--data-dir", tmp_path, "--output-dir", tmp_path / "runs",
+                env={"http_proxy": proxy, "https_proxy": proxy, "HTTP_PROXY": proxy, "HTTPS_PROXY": proxy},
+                processes=2)
+    assert p.returncode != 0
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "could not download cifar10" in errors[0], p.stderr[-3000:]
+    assert "[rank" not in p.stderr  # no worker traceback (torchrun's own summary may follow)
