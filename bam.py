@@ -110,9 +110,10 @@ class Args:
     sinkhorn_iters: int = 3
     """Sinkhorn iterations (each: key marginals, then query marginals)"""
     top_k: int = 0
-    """keep only the top-k entries of each target row (released code; 0 = off, as in the paper)"""
+    """keep k target columns per image, those largest on average over its global crops (released code,
+    --top_k_sink); 0 = off, as in the paper"""
     ema_teacher: bool = False
-    """EMA teacher for targets and keys (released scripts); off = one network, as the paper's text"""
+    """EMA teacher embeds every crop and gives targets and keys (released scripts); off = one network"""
     teacher_momentum: float = 0.995
     """EMA momentum of the teacher at the start; cosine schedule to 1"""
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -341,20 +342,22 @@ class BAM(nn.Module):
                                           "projector": copy.deepcopy(self.projector)}).requires_grad_(False)
 
     def forward(self, glob, local):
-        """This rank's crops (2b and nb rows) -> (z (V*B, D) student embeddings of every crop of the global
-        batch, teacher embeddings of its global crops (2B, D) or None). The backbone runs once per crop
+        """This rank's crops (2b and nb rows) -> (z, zt): embeddings (V*B, D) of every crop of the global
+        batch by the student, and by the teacher (no gradient) or None. The backbone runs once per crop
         size; the projector sees the global batch (its BatchNorm too). In eval mode nothing couples the
         samples (BatchNorm uses running statistics), so each process embeds just the crops it is given."""
         def embed(net, x):
             h = net["backbone"](x.contiguous(memory_format=torch.channels_last))  # this rank's rows
             return F.normalize(net["projector"](gather(h, len(x) // (len(glob) // 2)) if self.training else h)
                                .float(), dim=1)
-        student = {"backbone": self.backbone, "projector": self.projector}
-        z = torch.cat([embed(student, glob)] + ([embed(student, local)] if len(local) else []))
+
+        def every_crop(net):  # (V*B, D), crop-major
+            return torch.cat([embed(net, glob)] + ([embed(net, local)] if len(local) else []))
+        z = every_crop({"backbone": self.backbone, "projector": self.projector})
         if self.teacher is None:
             return z, None
-        with torch.no_grad():
-            return z, embed(self.teacher, glob)
+        with torch.no_grad():  # released code: the teacher embeds every crop, local ones too
+            return z, every_crop(self.teacher)
 
     @torch.no_grad()
     def update_teacher(self, m):
@@ -386,12 +389,28 @@ def sinkhorn(S, mask, lam, iters):
         return logP.exp()
 
 
-def top_k_rows(P, k):
-    """Keep the k largest entries of every row, renormalised (released code's sparsification)."""
+def keep_top_k(P, k, G):
+    """--top-k, the released code's rule: for image i, the k columns with the largest MEAN over its G
+    global crops' target rows; every one of those rows keeps its own values there, renormalised to 1.
+    P (G*B, K), crop-major. k = 0 (or >= K): P unchanged."""
     if not k or k >= P.shape[1]:
         return P
-    kept = torch.zeros_like(P).scatter_(1, P.topk(k, dim=1).indices, 1.0) * P
+    idx = P.view(G, -1, P.shape[1]).mean(0).topk(k, dim=1).indices.repeat(G, 1)  # (G*B, k), shared by crops
+    kept = torch.zeros_like(P).scatter_(1, idx, P.gather(1, idx))
     return kept / kept.sum(1, keepdim=True)
+
+
+def bam_objective(z, zt, B, args, mask):
+    """The loss of one step. z (V*B, D): student embeddings of every crop (crop-major); zt: the EMA
+    teacher's embeddings of every crop, or None (one network: the student is its own teacher).
+    As the released code: keys = the global crops' rows of the teacher side (student keys carry gradient);
+    the Sinkhorn target runs over EVERY crop's teacher-side row against those keys, and its global rows
+    are the targets. mask: same_image(V*B, G*B, B)."""
+    G = 2
+    source = z if zt is None else zt
+    keys = source[: G * B]  # (2B, D)
+    P = sinkhorn(source.detach() @ keys.detach().T, mask, args.lam, args.sinkhorn_iters)  # (V*B, 2B)
+    return bam_loss(z, keys, keep_top_k(P[: G * B], args.top_k, G), B, args.tau, mask)
 
 
 def bam_loss(z, keys, target, B, tau, mask=None):
@@ -707,14 +726,8 @@ if __name__ == "__main__":
                     args.weight_decay_end + (args.weight_decay - args.weight_decay_end) * cos)
             glob, local = crops_of(x_all[idx[shard]], u[:, shard], args, size)  # this rank's (2b, ...), (nb, ...)
             with autocast(device, amp_dtype):
-                z, zt = train_model(norm(glob), norm(local))  # (V*B, D) student, (2B, D) teacher or None
-            keys = z[: G * args.batch_size] if zt is None else zt  # (2B, D) global crops of the batch
-            # Sinkhorn over every query row (as the released code), or over the teacher's global rows;
-            # the global rows are the targets
-            S_target = z.detach() @ keys.detach().T if zt is None else zt @ zt.T  # (V*B or 2B, 2B)
-            P = sinkhorn(S_target, mask_vg[: len(S_target)], args.lam, args.sinkhorn_iters)
-            target = top_k_rows(P[: G * args.batch_size], args.top_k)
-            loss = bam_loss(z, keys, target, args.batch_size, args.tau, mask_vg)
+                z, zt = train_model(norm(glob), norm(local))  # (V*B, D) student, teacher or None
+            loss = bam_objective(z, zt, args.batch_size, args, mask_vg)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)

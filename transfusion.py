@@ -93,8 +93,22 @@ class Args:
     """token width d after the linear stem"""
     supervised: bool = False
     """target affinity from class labels instead of from the pairing of views"""
-    score: Literal["relu", "square"] = "relu"
-    """score of a cosine: ReLU (paper; rows can die, see README) or its square (authors' dev code)"""
+    score: Literal["relu", "offset", "leaky", "square"] = "relu"
+    """score of a cosine in the fusion blocks: relu (paper), offset ReLU(cos + beta), leaky, square"""
+    final_score: Optional[Literal["relu", "offset", "leaky", "square"]] = None
+    """score of the final (adjacency) block (default: --score)"""
+    empty_rows: Literal["zero", "uniform"] = "zero"
+    """a row with no positive score: zero, or uniform (authors' code adds 1e-10 to every entry)"""
+    beta_init: float = 1.0
+    """offset score: initial beta of ReLU(cos + beta), learned per block"""
+    stem_bn: bool = False
+    """BatchNorm1d after the linear stem: centre the tokens over the batch"""
+    tied_qk: bool = False
+    """W_k = W_q: symmetric cosine scores, so two views start similar"""
+    loss_scale: float = 1.0
+    """multiplies the JSD (the authors' loss is 2 x JSD + log 2)"""
+    head_lr: float = 1.0
+    """the head's learning rate as a multiple of the backbone's"""
     jsd: Literal["rows", "elementwise"] = "rows"
     """loss: mean JSD between rows of A and T (paper), or mean Bernoulli JSD per entry (ablation)"""
     lr: float = 0.06
@@ -307,36 +321,53 @@ class GlobalBatchNorm(nn.BatchNorm2d):
 class FusionBlock(nn.Module):
     """One TransFusion block over the batch (pre-LN, single head, no FFN):
         Y = LN(X);  Q = rownorm(Y Wq);  K = rownorm(Y Wk);  V = Y Wv
-        R = ReLU(Q K^T) with zero diagonal;  A = R / (rowsum(R) + eps);  X <- X + A V
+        R = score(Q K^T) with zero diagonal;  A = R / (rowsum(R) + eps);  X <- X + A V
     The final block is truncated: it returns A itself (no A V, no residual)."""
 
     eps = 1e-6  # ours: keeps 1 / rowsum bounded when a row has almost no positive score
 
-    def __init__(self, d, score="relu", final=False):
+    def __init__(self, d, score="relu", final=False, empty="zero", beta_init=1.0, slope=0.1, tied=False):
         super().__init__()
-        self.score, self.final = score, final
-        self.ln, self.q, self.k = nn.LayerNorm(d), nn.Linear(d, d), nn.Linear(d, d)
+        self.score, self.final, self.empty, self.slope = score, final, empty, slope
+        self.ln, self.q = nn.LayerNorm(d), nn.Linear(d, d)
+        self.k = self.q if tied else nn.Linear(d, d)
         self.v = None if final else nn.Linear(d, d)
+        self.beta = nn.Parameter(torch.tensor(float(beta_init))) if score == "offset" else None
+
+    def scores(self, cos):
+        if self.score == "relu":
+            return F.relu(cos)
+        if self.score == "offset":
+            return F.relu(cos + self.beta)
+        if self.score == "leaky":  # LeakyReLU lifted by its slope: >= 0 on [-1, 1]
+            return F.leaky_relu(cos, self.slope) + self.slope
+        return cos.square()
 
     def forward(self, x):
         """x (N, d) -> (x', A (N, N)); for the final block x' is x unchanged."""
         y = self.ln(x)
         q, k = F.normalize(self.q(y).float(), dim=-1), F.normalize(self.k(y).float(), dim=-1)
         cos = q @ k.T  # (N, N) cosine scores, fp32 under autocast
-        R = F.relu(cos) if self.score == "relu" else cos.square()  # ReLU instead of softmax
-        R = R * (1 - torch.eye(len(x), device=x.device))  # no self-attention
-        A = R / (R.sum(1, keepdim=True) + self.eps)  # rows sum to 1 (or 0 if no score is positive)
+        off = 1 - torch.eye(len(x), device=x.device)
+        R = self.scores(cos) * off  # no self-attention
+        if self.empty == "uniform":
+            R = R + 1e-10 * off
+            A = R / R.sum(1, keepdim=True)
+        else:
+            A = R / (R.sum(1, keepdim=True) + self.eps)  # rows sum to 1 (or 0 if no score is positive)
         return (x, A) if self.final else (x + (A @ self.v(y).float()).to(x.dtype), A)
 
 
 class TransFusionHead(nn.Module):
     """Linear stem to width d, `blocks` fusion blocks, then the truncated final block."""
 
-    def __init__(self, d_in, width, blocks, score):
+    def __init__(self, d_in, width, blocks, score, final_score=None, empty="zero", beta_init=1.0, tied=False,
+                 stem_bn=False):
         super().__init__()
-        self.stem = nn.Linear(d_in, width)
-        self.blocks = nn.ModuleList(FusionBlock(width, score) for _ in range(blocks))
-        self.final = FusionBlock(width, score, final=True)
+        self.stem = nn.Sequential(nn.Linear(d_in, width), nn.BatchNorm1d(width)) if stem_bn else nn.Linear(d_in, width)
+        kw = dict(empty=empty, beta_init=beta_init, tied=tied)
+        self.blocks = nn.ModuleList(FusionBlock(width, score, **kw) for _ in range(blocks))
+        self.final = FusionBlock(width, final_score or score, final=True, **kw)
 
     def forward(self, h, every_block=False):
         """h (N, D) -> adjacency A (N, N); every_block: the A of every block, (blocks + 1, N, N)."""
@@ -351,11 +382,23 @@ class TransFusion(nn.Module):
     def __init__(self, args, image_size):
         super().__init__()
         self.backbone, d = make_backbone(args.backbone, image_size)
-        self.head = TransFusionHead(d, args.width, args.fusion_blocks, args.score)
+        self.head = TransFusionHead(d, args.width, args.fusion_blocks, args.score, args.final_score,
+                                    args.empty_rows, args.beta_init, args.tied_qk, args.stem_bn)
 
     def forward(self, views):  # (2b, 3, S, S) this rank's views -> adjacency (2B, 2B) of the global batch
         h = self.backbone(views.contiguous(memory_format=torch.channels_last))  # this rank's (2b, D)
         return self.head(gather(h, 2))  # the fusion blocks attend over the global batch
+
+
+def partner_mass(A):
+    """Mean share of each row of A (2B, 2B) on the row's partner view (view-major order)."""
+    n = len(A) // 2
+    return (A.diagonal(n).sum() + A.diagonal(-n).sum()) / len(A)
+
+
+def dead_rows(A):
+    """Fraction of rows of A with no score above the others: all zero, or (uniform fallback) all equal."""
+    return (A.amax(1) * (len(A) - 1) < 1 + 1e-3).float().mean()
 
 
 def target_affinity(group):
@@ -585,7 +628,9 @@ if __name__ == "__main__":
             if type(m) is nn.BatchNorm2d:
                 m.__class__ = GlobalBatchNorm  # same parameters and buffers, so checkpoints stay compatible
     lr = args.lr * args.batch_size / 256  # linear scaling rule
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    groups = [{"params": model.backbone.parameters(), "mult": 1.0},
+              {"params": model.head.parameters(), "mult": args.head_lr}]
+    opt = torch.optim.SGD(groups, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     g = torch.Generator(device).manual_seed(args.seed)  # data order and augmentation
     steps_per_epoch = N // args.batch_size  # the last partial batch is dropped
@@ -638,8 +683,7 @@ if __name__ == "__main__":
         y2 = test_y[probe].repeat(2)
         mass, chance = common.same_class_mass(maps, y2)  # maps (blocks + 1, 2n, 2n)
         n2 = len(y2)
-        partner = maps[-1, torch.arange(n2), (torch.arange(n2) + n2 // 2) % n2].mean().item()
-        dead = (maps[-1].sum(1) == 0).float().mean().item()  # rows whose every ReLU score is <= 0
+        partner, dead = partner_mass(maps[-1]).item(), dead_rows(maps[-1]).item()
         out.update(same_class_adjacency=mass.tolist(), same_class_chance=chance, partner_mass=partner,
                    partner_chance=1 / (n2 - 1), dead_rows=dead)
         if dead > 0.5:
@@ -665,7 +709,7 @@ if __name__ == "__main__":
 
     model.train()
     while epoch < args.epochs:
-        t0, loss_sum = time.time(), torch.zeros((), device=device)
+        t0, loss_sum, live_sum = time.time(), torch.zeros((), device=device), torch.zeros(2, device=device)
         bad_run = torch.zeros((), dtype=torch.long, device=device)  # consecutive non-finite losses
         bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first fatal step, -1: none
         patience = 10 if amp == "fp16" else 1  # fp16: the GradScaler skips steps before we give up
@@ -674,14 +718,17 @@ if __name__ == "__main__":
             idx = perm[i * args.batch_size:(i + 1) * args.batch_size]  # the global batch, as on every rank
             u = torch.rand(2, args.batch_size, NU, device=device, generator=g)  # and its views' randomness
             for group in opt.param_groups:  # warm-up then cosine, a function of the step (resumable)
-                group["lr"] = (lr * (step + 1) / warmup_steps if step < warmup_steps else
+                group["lr"] = group["mult"] * (lr * (step + 1) / warmup_steps if step < warmup_steps else
                                lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) /
                                                         max(1, total_steps - warmup_steps))))
             views = norm(views_of(x_all[idx[shard]], u[:, shard], args, size))  # this rank's (2b, 3, S, S)
             with autocast(device, amp_dtype):
                 A = train_model(views)  # (2B, 2B) adjacency of the final block over the global batch
             T = target_affinity(train_y[idx].repeat(2) if args.supervised else pair)  # (2B, 2B)
-            loss = jsd_loss(A, T, args.jsd)
+            loss = args.loss_scale * jsd_loss(A, T, args.jsd)
+            with torch.no_grad():  # is the final block alive? (read on the host at log steps only)
+                Af = A.float()
+                live_sum += torch.stack([dead_rows(Af), partner_mass(Af)])
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -698,7 +745,9 @@ if __name__ == "__main__":
                 if rank == 0:
                     ips = (i + 1) * args.batch_size / (time.time() - t0)
                     eta = ((total_steps - step) * args.batch_size) / ips
+                    dead, partner = (live_sum / (i + 1)).tolist()  # means over the epoch so far
                     print(f"epoch {epoch + 1}/{args.epochs} step {step} loss {loss.item():.4f} "
+                          f"dead {dead:.3f} partner {partner:.4f} "
                           f"lr {opt.param_groups[0]['lr']:.4g} {ips:.0f} img/s eta {eta / 60:.1f} min")
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -61,6 +61,8 @@ class Bench:
     """autocast for the step figures (CPU default off, as the training scripts' --amp auto)"""
     steps: bool = True
     """measure step overhead, memory and CUDA throughput too (--no-steps: augmentation only, fast)"""
+    ema_teacher: bool = False
+    """bam.py with --ema-teacher (its teacher embeds every crop, without gradient)"""
     memory_of: Optional[str] = None
     """internal: measure the peak memory of one method's step in this (fresh) process"""
 
@@ -133,13 +135,12 @@ def method_parts(name, args, x, stats, device):
         elif name == "transfusion":
             loss = transfusion.jsd_loss(out, transfusion.target_affinity(pair))
         else:
-            z, _ = out
-            keys = z[: 2 * B]
-            P = bam.sinkhorn(z.detach() @ keys.detach().T, mask, args.lam, args.sinkhorn_iters)[: 2 * B]
-            loss = bam.bam_loss(z, keys, P, B, args.tau, mask)
+            loss = bam.bam_objective(*out, B, args, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if name == "bam" and model.teacher is not None:
+            model.update_teacher(0.996)
 
     return augment, full_step, [c.detach().clone() for c in augment()], model
 
@@ -159,7 +160,9 @@ def backbone_step(model, inputs, device):
 
 
 def method_args(name, backbone):
-    return {"deepfusion": deepfusion.Args, "transfusion": transfusion.Args, "bam": bam.Args}[name](backbone=backbone)
+    if name == "bam":
+        return bam.Args(backbone=backbone, ema_teacher=bench.ema_teacher)
+    return {"deepfusion": deepfusion.Args, "transfusion": transfusion.Args}[name](backbone=backbone)
 
 
 def load_images(n):
@@ -231,7 +234,8 @@ if __name__ == "__main__":
         full, base = median_seconds([full_step, backbone_step(model, inputs, device)], bench.repeats, sync)
         child = subprocess.run([sys.executable, __file__, "--memory-of", name, "--device", bench.device,
                                 "--batch-size", str(bench.batch_size), "--backbone", bench.backbone,
-                                "--amp", bench.amp], capture_output=True, text=True)
+                                "--amp", bench.amp, "--ema-teacher" if bench.ema_teacher else "--no-ema-teacher"],
+                               capture_output=True, text=True)
         peak = json.loads(child.stdout.strip().splitlines()[-1])["peak_mib"] if child.returncode == 0 else None
         results["methods"][name].update(step_seconds=full, backbone_step_seconds=base,
                                         step_overhead_vs_backbone=full / base, peak_memory_mib=peak)

@@ -84,12 +84,13 @@ def _args(**kw):
 
 def test_ema_teacher_gets_no_gradient_and_moves_by_the_ema_rule():
     torch.manual_seed(0)
-    model = bam.BAM(_args(ema_teacher=True), 16)
+    args = _args(ema_teacher=True)
+    model = bam.BAM(args, 16)
     glob, local = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 8, 8)
     z, zt = model(glob, local)
-    assert z.shape == (8, 16) and zt.shape == (4, 16) and not zt.requires_grad
-    target = bam.sinkhorn(zt @ zt.T, bam.same_image(4, 4, 2, "cpu"), 0.05, 3)
-    bam.bam_loss(z, zt, target, 2, 0.1).backward()
+    assert z.shape == (8, 16) and zt.shape == (8, 16) and not zt.requires_grad  # teacher: every crop
+    assert torch.allclose(z, zt, atol=1e-6)  # before any update the teacher is the student
+    bam.bam_objective(z, zt, 2, args, bam.same_image(8, 4, 2, "cpu")).backward()
     assert all(p.grad is None for p in model.teacher.parameters())
     assert any(p.grad is not None for p in model.backbone.parameters())
     t_before = [p.clone() for p in model.teacher.parameters()]
@@ -101,6 +102,78 @@ def test_ema_teacher_gets_no_gradient_and_moves_by_the_ema_rule():
     for t, t0, s in zip(model.teacher.parameters(), t_before, s_now):
         assert torch.allclose(t, 0.9 * t0 + 0.1 * s, atol=1e-6)
     assert model.eval_backbone() is model.teacher["backbone"]
+
+
+def _sinkhorn_by_hand(S, B, lam, iters):
+    """Plain-space Sinkhorn on float64 lists, same-image entries 0; columns then rows, `iters` times."""
+    rows, cols = S.shape
+    P = [[0.0 if r % B == c % B else math.exp(float(S[r, c]) / lam) for c in range(cols)] for r in range(rows)]
+    for _ in range(iters):
+        for c in range(cols):
+            total = sum(P[r][c] for r in range(rows))
+            for r in range(rows):
+                P[r][c] /= total
+        for r in range(rows):
+            total = sum(P[r])
+            P[r] = [p / total for p in P[r]]
+    return torch.tensor(P)
+
+
+def _loss_by_hand(z, keys, target, B, tau):
+    """Mean over target crops g, other crops v and images i of -sum_k P_g[i, k] log A_v[i, k]."""
+    V, G = len(z) // B, len(keys) // B
+    total, count = 0.0, 0
+    for g in range(G):
+        for v in [v for v in range(V) if v != g]:
+            for i in range(B):
+                others = [k for k in range(G * B) if k % B != i]
+                logits = [float(z[v * B + i] @ keys[k]) / tau for k in others]
+                log_norm = math.log(sum(math.exp(l) for l in logits))
+                total += -sum(float(target[g * B + i, k]) * (l - log_norm) for k, l in zip(others, logits))
+                count += 1
+    return total / count
+
+
+def test_top_k_keeps_the_columns_of_the_mean_over_global_crops():
+    B, G, K, k = 3, 2, 6, 2
+    P = torch.rand(G * B, K, generator=torch.Generator().manual_seed(4))
+    P = P / P.sum(1, keepdim=True)
+    kept = bam.keep_top_k(P, k, G)
+    for i in range(B):
+        mean = [(P[i, c].item() + P[B + i, c].item()) / 2 for c in range(K)]
+        top = sorted(range(K), key=lambda c: -mean[c])[:k]
+        for g in range(G):
+            row = [P[g * B + i, c].item() if c in top else 0.0 for c in range(K)]
+            assert torch.allclose(kept[g * B + i], torch.tensor(row) / sum(row), atol=1e-6)
+    assert torch.equal(bam.keep_top_k(P, 0, G), P) and torch.equal(bam.keep_top_k(P, K, G), P)
+    own = torch.zeros_like(P).scatter_(1, P.topk(k, 1).indices, 1) * P  # each row's own top-k differs here
+    assert not torch.allclose(kept, own / own.sum(1, keepdim=True))
+
+
+def test_objective_with_teacher_and_top_k_matches_a_direct_evaluation():
+    """Teacher: Sinkhorn over every crop's teacher row (local ones too) against the teacher's global
+    keys; its global rows (top-k of the mean over global crops) are the targets of the student's queries."""
+    B, V, G, D, lam, tau = 3, 3, 2, 4, 0.5, 0.5
+    gen = torch.Generator().manual_seed(5)
+    z, zt = [torch.nn.functional.normalize(torch.randn(V * B, D, generator=gen), dim=1) for _ in range(2)]
+    mask = bam.same_image(V * B, G * B, B, "cpu")
+    for top_k in (0, 2):
+        args = bam.Args(lam=lam, tau=tau, sinkhorn_iters=3, top_k=top_k)
+        P = _sinkhorn_by_hand(zt @ zt[: G * B].T, B, lam, 3)[: G * B]  # rows of all 3 crops, then global rows
+        if top_k:
+            P = torch.stack([row * torch.isin(torch.arange(G * B), ((P[i % B] + P[B + i % B]) / 2).topk(top_k).indices)
+                             for i, row in enumerate(P)])
+            P = P / P.sum(1, keepdim=True)
+        expected = _loss_by_hand(z, zt[: G * B], P, B, tau)
+        assert abs(bam.bam_objective(z, zt, B, args, mask).item() - expected) < 1e-5
+        # Sinkhorn over the global rows alone (the rule before) gives another value
+        P_glob = _sinkhorn_by_hand(zt[: G * B] @ zt[: G * B].T, B, lam, 3)
+        if not top_k:
+            assert abs(_loss_by_hand(z, zt[: G * B], P_glob, B, tau) - expected) > 1e-3
+    # without a teacher the student is its own teacher: keys z[:2B], Sinkhorn over all of z's rows
+    args = bam.Args(lam=lam, tau=tau, sinkhorn_iters=3)
+    P = _sinkhorn_by_hand(z @ z[: G * B].T, B, lam, 3)[: G * B]
+    assert abs(bam.bam_objective(z, None, B, args, mask).item() - _loss_by_hand(z, z[: G * B], P, B, tau)) < 1e-5
 
 
 def test_multi_crop_shapes_and_per_crop_randomness():
