@@ -159,7 +159,9 @@ def knn_accuracy(train_f, train_y, test_f, test_y, num_classes, k=200, t=0.1, ch
     """Weighted k-NN top-1 accuracy (the protocol of lightly's CIFAR benchmarks).
 
     Cosine similarity on L2-normalised features; each of the k nearest train samples votes for its
-    class with weight exp(sim / t). k is clipped to the size of the feature bank.
+    class with weight exp(sim / t). k is clipped to the size of the feature bank. The weights of a
+    query are computed as exp((sim - max sim) / t), the same vote scaled by one positive factor, so
+    they cannot overflow at small t (exp(1 / t) overflows float32 for t below about 0.0113).
     """
     train_f, test_f = F.normalize(train_f.float(), dim=1), F.normalize(test_f.float(), dim=1)
     k = min(k, len(train_f))
@@ -167,7 +169,7 @@ def knn_accuracy(train_f, train_y, test_f, test_y, num_classes, k=200, t=0.1, ch
     for i in range(0, len(test_f), chunk):
         sim, idx = (test_f[i:i + chunk] @ train_f.T).topk(k, dim=1)  # (c, k)
         votes = torch.zeros(len(sim), num_classes, device=sim.device)
-        votes.scatter_add_(1, train_y[idx], (sim / t).exp())
+        votes.scatter_add_(1, train_y[idx], ((sim - sim[:, :1]) / t).exp())  # topk is sorted: column 0 = max
         correct += (votes.argmax(1) == test_y[i:i + chunk]).sum().item()
     return correct / len(test_f)
 

@@ -1,5 +1,6 @@
 """common.py: dataset loaders on data the tests make, and the metric helpers against direct loops."""
 
+import math
 import os
 import pickle
 
@@ -127,6 +128,24 @@ def test_knn_matches_a_loop():
     # k larger than the bank is clipped; a bank identical to the queries is classified perfectly
     assert common.knn_accuracy(train_f, train_y, train_f, train_y, 3, k=1000) >= 0
     assert common.knn_accuracy(train_f, train_y, train_f, train_y, 3, k=1) == 1.0
+
+
+def test_knn_vote_does_not_overflow_at_small_temperatures():
+    """exp(sim / t) overflows float32 for t < ~0.0113; the vote must still be the float64 one."""
+    g = torch.Generator().manual_seed(2)
+    train_f, train_y = torch.randn(60, 4, generator=g), torch.randint(0, 4, (60,), generator=g)
+    test_f, test_y = train_f[:30] + 0.3 * torch.randn(30, 4, generator=g), train_y[:30]  # near their class
+    bank = torch.nn.functional.normalize(train_f.double(), dim=1)
+    queries = torch.nn.functional.normalize(test_f.double(), dim=1)
+    for t in (0.01, 0.005):
+        correct = 0
+        for f, y in zip(queries, test_y):
+            sims = (bank @ f).tolist()
+            top = sorted(range(60), key=lambda j: -sims[j])[:20]
+            votes = [sum(math.exp(sims[j] / t) for j in top if train_y[j] == c) for c in range(4)]  # float64
+            correct += int(np.argmax(votes) == y)
+        assert common.knn_accuracy(train_f, train_y, test_f, test_y, 4, k=20, t=t) == correct / 30
+        assert correct / 30 > 0.5  # the overflowing vote gave every query to class 0
 
 
 def test_same_class_mass_matches_a_loop():
