@@ -5,7 +5,9 @@ int64 labels, so a training script can keep them on the GPU and slice batches ou
 """
 
 import os
+import stat
 import urllib.error
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,26 +104,74 @@ def _torchvision(name, root, download):
     return train_x, train_y, test_x, test_y, extra_x, classes
 
 
+def _image_files(root):
+    """(paths, labels, classes) of root/<class>/**/<image> (torchvision's ImageFolder layout and file
+    extensions, sorted). Symbolic links are followed, except those that lead back into root: a loop
+    (e.g. a link to ..) or another class's images would multiply and mislabel the data; they are
+    refused. Only regular files count as images (a named pipe would hang the reading)."""
+    if not os.path.isdir(root):
+        raise UsageError(f"image folder {root!r} does not exist "
+                         "(expected DIR/train/<class>/* and DIR/test/<class>/*)")
+    real_root = os.path.realpath(root)
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        raise UsageError(f"no images in {root!r}: no class folders")
+    paths, labels = [], []
+    for label, c in enumerate(classes):
+        found = []
+        for top, dirs, files in os.walk(os.path.join(root, c), followlinks=True):
+            for d in dirs:
+                link = os.path.join(top, d)
+                target = os.path.realpath(link)
+                if os.path.islink(link) and (target == real_root
+                                             or target.startswith(real_root + os.sep)):
+                    raise UsageError(f"image folder {root!r}: the link {link!r} leads back into the "
+                                     "folder (a loop, or images counted twice); remove it")
+            dirs.sort()
+            for name in sorted(files):
+                if name.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS):
+                    path = os.path.join(top, name)
+                    if not stat.S_ISREG(os.stat(path).st_mode):
+                        raise UsageError(f"{path!r} is not a regular file (a pipe or device?)")
+                    found.append(path)
+        if not found:
+            raise UsageError(f"no images in {root!r}: class folder {c!r} has none")
+        paths += found
+        labels += [label] * len(found)
+    return paths, labels, classes
+
+
+def _read_image(path):
+    """An image file as an RGB PIL image; 16-bit and 32-bit integer greys are scaled to 8 bits
+    (PIL's convert("RGB") clips them, so they came out white)."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # > 89 MPixel: refuse
+        img = Image.open(path)
+        img.load()
+    if img.mode.startswith("I"):  # "I;16", "I;16B", "I": integer greys of up to 16 bits (PNG)
+        scale = 255 / 65535 if img.mode.startswith("I;16") or np.asarray(img).max() > 255 else 1
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) * scale).round().astype(np.uint8))
+    return img.convert("RGB")
+
+
 def _image_folder(root, size):
     """root/<class>/* -> uint8 (N, 3, size, size): shorter side resized to `size`, then centre-cropped."""
     from PIL import Image, UnidentifiedImageError
 
-    if not os.path.isdir(root):
-        raise UsageError(f"image folder {root!r} does not exist (expected DIR/train/<class>/* and DIR/test/<class>/*)")
-    try:
-        folder = torchvision.datasets.ImageFolder(root)
-    except (FileNotFoundError, OSError) as e:  # no class folders, or no image files in them
-        raise UsageError(f"no images in {root!r}: {e}") from None
+    paths, labels, classes = _image_files(root)
     resize_crop = torchvision.transforms.Compose([
         torchvision.transforms.Resize(size), torchvision.transforms.CenterCrop(size)])
-    x = torch.empty(len(folder.samples), 3, size, size, dtype=torch.uint8)
-    for i, (path, _) in enumerate(folder.samples):
+    x = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
+    for i, path in enumerate(paths):
         try:
-            with Image.open(path) as img:
-                x[i] = torch.from_numpy(np.array(resize_crop(img.convert("RGB")))).permute(2, 0, 1)
-        except (UnidentifiedImageError, OSError) as e:
+            x[i] = torch.from_numpy(np.array(resize_crop(_read_image(path)))).permute(2, 0, 1)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise UsageError(f"image {path!r} is too large to decode safely: {e}") from None
+        except (UnidentifiedImageError, OSError, ValueError) as e:
             raise UsageError(f"cannot read image {path!r}: {e}") from None
-    return x, torch.as_tensor(folder.targets, dtype=torch.int64), folder.classes
+    return x, torch.as_tensor(labels, dtype=torch.int64), classes
 
 
 def _synthetic(size, n_train=512, n_test=256, n_classes=10):

@@ -113,6 +113,46 @@ def test_image_folder_errors(tmp_path):
         common.load_dataset("imagefolder", str(tmp_path))
 
 
+def _two_classes(root):
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            _png(str(root / split / c / "0.png"), (8, 8), (0, 0, 0))
+
+
+def test_image_folder_refuses_links_back_into_itself_and_special_files(tmp_path):
+    _two_classes(tmp_path)
+    (tmp_path / "train" / "cat" / "up").symlink_to("..")  # a loop: would repeat every class as "cat"
+    with pytest.raises(common.UsageError, match="leads back into the folder"):
+        common.load_dataset("imagefolder", str(tmp_path))
+    (tmp_path / "train" / "cat" / "up").unlink()
+    (tmp_path / "train" / "cat" / "dogs").symlink_to(tmp_path / "train" / "dog")  # mislabelled copies
+    with pytest.raises(common.UsageError, match="leads back into the folder"):
+        common.load_dataset("imagefolder", str(tmp_path))
+    (tmp_path / "train" / "cat" / "dogs").unlink()
+    outside = tmp_path / "elsewhere" / "cats"  # a class folder linked from outside is fine
+    _png(str(outside / "1.png"), (8, 8), (0, 0, 0))
+    (tmp_path / "train" / "cat" / "more").symlink_to(outside)
+    assert len(common.load_dataset("imagefolder", str(tmp_path)).train_x) == 3
+    os.mkfifo(tmp_path / "train" / "dog" / "pipe.png")  # reading it would block forever
+    with pytest.raises(common.UsageError, match="not a regular file"):
+        common.load_dataset("imagefolder", str(tmp_path))
+    os.unlink(tmp_path / "train" / "dog" / "pipe.png")
+    (tmp_path / "train" / "dog" / "dir.png").mkdir()  # a directory named like an image: not an image
+    assert len(common.load_dataset("imagefolder", str(tmp_path)).train_x) == 3
+
+
+def test_image_folder_decodes_16_bit_grey_and_refuses_decompression_bombs(tmp_path, monkeypatch):
+    _two_classes(tmp_path)
+    grey16 = np.full((8, 8), 32768, dtype=np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "train" / "cat" / "0.png")  # 16-bit grey PNG
+    assert Image.open(tmp_path / "train" / "cat" / "0.png").mode.startswith("I")
+    x = common.load_dataset("imagefolder", str(tmp_path), image_size=8).train_x[0]
+    assert (x == 128).all()  # 32768 / 65535 of white: mid-grey, not white
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40)  # an 8x8 image is now "too large"
+    with pytest.raises(common.UsageError, match="too large"):
+        common.load_dataset("imagefolder", str(tmp_path))
+
+
 def test_knn_matches_a_loop():
     g = torch.Generator().manual_seed(0)
     train_f, test_f = torch.randn(40, 5, generator=g), torch.randn(15, 5, generator=g)
