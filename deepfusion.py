@@ -18,12 +18,14 @@ draws it. Only the backbone is kept for downstream use and evaluation.
 import atexit
 import contextlib
 import ctypes
+import dataclasses
 import datetime
 import io
 import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 import warnings
@@ -469,27 +471,42 @@ def parse_args():
              f"{type(e).__name__} {first}")
     if ckpt.get("method") != "deepfusion":
         fail(f"{args.resume!r} is a checkpoint of {ckpt.get('method')!r}, not deepfusion")
-    return cli(Args(**{**ckpt["args"], "resume": args.resume})), ckpt
+    missing = sorted(CHECKPOINT_KEYS - set(ckpt))
+    unknown = sorted(set(ckpt["args"]) - {f.name for f in dataclasses.fields(Args)})
+    if missing or unknown:  # written by another version of this file
+        fail(f"checkpoint {args.resume!r} was written by another version of this script: "
+             + (f"it lacks {', '.join(missing)}" if missing else
+                f"unknown argument(s) {', '.join('--' + u.replace('_', '-') for u in unknown)}"))
+    # the checkpoint's arguments are the defaults; one-off flags (--stop-epoch) are not inherited
+    new = cli(Args(**{**ckpt["args"], "resume": args.resume, "stop_epoch": None}))
+    for name in ("dataset", "data_dir", "image_size", "num_samples", "batch_size"):
+        if getattr(new, name) != ckpt["args"][name] and int(os.environ.get("RANK", 0)) == 0:
+            print(f"note: resuming with --{name.replace('_', '-')} {getattr(new, name)}; the run "
+                  f"so far used {ckpt['args'][name]}", file=sys.stderr)
+    return new, ckpt
+
+
+# Every numeric flag's accepted range, both ends included, checked in one place (check_args) before
+# anything is written; every value must also be finite. The upper bounds keep a typo from exhausting
+# memory or overflowing (image side, widths, counts, seed). Generic flags here, the method's below.
+LIMITS = {"image_size": (8, 1024), "num_samples": (1, 10**9), "batch_size": (2, 1 << 16),
+          "epochs": (1, 100_000), "seed": (0, 2**32 - 3), "eval_every": (0, 100_000),
+          "linear_epochs": (1, 100_000), "knn_k": (1, 100_000), "knn_t": (1e-4, 100.0),
+          "log_every": (1, 10**9), "stop_epoch": (1, 100_000)}
+METHOD_LIMITS = {"head_layers": (0, 64), "head_heads": (1, 64), "proj_dim": (1, 1 << 16),
+                 "tau": (1e-4, 100.0), "lr": (1e-9, 100.0), "momentum": (0.0, 1.0),
+                 "weight_decay": (0.0, 1.0), "warmup_epochs": (0, 100_000), "min_scale": (1e-4, 1.0),
+                 "jitter_strength": (1e-6, 10.0), "jitter_p": (0.0, 1.0), "gray_p": (0.0, 1.0),
+                 "blur_p": (0.0, 1.0)}
 
 
 def check_args(args):
-    for name in ("epochs", "head_heads", "proj_dim", "linear_epochs", "knn_k", "log_every"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("tau", "knn_t", "lr", "jitter_strength"):
-        if not getattr(args, name) > 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.batch_size < 2:
-        fail(f"--batch-size must be at least 2 (contrastive pairs need other samples), got {args.batch_size}")
-    if args.head_layers < 0 or args.eval_every < 0 or args.warmup_epochs < 0:
-        fail("--head-layers, --eval-every and --warmup-epochs cannot be negative")
-    if args.image_size is not None and args.image_size < 8:
-        fail(f"--image-size must be at least 8, got {args.image_size}")
-    if args.min_scale is not None and not 0 < args.min_scale <= 1:
-        fail(f"--min-scale must be in (0, 1], got {args.min_scale}")
-    for name in ("jitter_p", "gray_p", "blur_p"):
-        if getattr(args, name) is not None and not 0 <= getattr(args, name) <= 1:
-            fail(f"--{name.replace('_', '-')} is a probability, got {getattr(args, name)}")
+    """Every numeric flag against LIMITS and METHOD_LIMITS (one line and exit 2 when outside)."""
+    for name, (lo, hi) in {**LIMITS, **METHOD_LIMITS}.items():
+        value = getattr(args, name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if v is not None and not (math.isfinite(v) and lo <= v <= hi):
+                fail(f"--{name.replace('_', '-')} must be in [{lo}, {hi}], got {v}")
     width = {"resnet18": 512, "resnet50": 2048}[args.backbone]
     if args.head == "transformer" and width % args.head_heads:
         fail(f"--head-heads must divide the backbone width {width}, got {args.head_heads}")
@@ -507,10 +524,33 @@ def keep_freed_memory():
     libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap instead of trimming it
 
 
-def save_checkpoint(path, state):
-    """Atomic: a crash mid-write never leaves a truncated checkpoint.pt."""
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+CHECKPOINT_KEYS = {"method", "args", "model", "optimizer", "scaler", "epoch", "step", "history", "rng"}
+
+
+def save_atomic(path, write):
+    """write(file) into path + ".tmp", fsync, rename, fsync the directory: a crash or power loss never
+    leaves a truncated or empty file. A failed write (disk full, permission lost) ends the run with
+    one line, the previous file intact and the temp file removed."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        fail(f"could not write {path}: {e}; its previous version (if any) is intact", status=1)
+
+
+def non_finite(model):
+    """Names of the parameters and buffers holding NaN or inf."""
+    return [k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
 
 
 if __name__ == "__main__":
@@ -603,14 +643,34 @@ if __name__ == "__main__":
     # DDP averages gradients over ranks (and starts every rank from rank 0's weights and buffers)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     train_model = torch.compile(train_model) if args.compile else train_model
+    last_good = epoch  # the epoch of the newest checkpoint on disk (0: none)
     if rank == 0:  # only rank 0 writes, logs, evaluates and checkpoints; `model` is the unwrapped module
-        os.makedirs(os.path.join(run_dir, "figures"), exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=2)
-        metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        try:
+            os.makedirs(os.path.join(run_dir, "figures"), exist_ok=True)
+            for name in ("checkpoint.pt", "backbone.pt", "summary.json"):  # left by a killed run
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(run_dir, name + ".tmp"))
+            earlier = []  # args.json keeps the settings of every earlier part of a resumed run
+            with contextlib.suppress(OSError, ValueError):
+                old = json.load(open(os.path.join(run_dir, "args.json"))) if ckpt is not None else {}
+                earlier = old.pop("earlier", []) + [{**old, "until_epoch": epoch}] if old else []
+            with open(os.path.join(run_dir, "args.json"), "w") as f:
+                json.dump({**asdict(args), "earlier": earlier}, f, indent=2)
+            metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        except OSError as e:
+            fail(f"cannot write the run directory {run_dir!r}: {e.strerror or e}")
         log = lambda **kv: (metrics.write(json.dumps(kv) + "\n"), metrics.flush())
         print(f"deepfusion | {args.dataset} {N} images {size}px | {device} amp={amp} | batch {args.batch_size}"
               + (f" = {world} processes x {b}" if world > 1 else "") + f" | {steps_per_epoch} steps/epoch | run dir {run_dir}")
+
+    def kept():
+        return (f"the last good checkpoint is {run_dir}/checkpoint.pt (epoch {last_good})" if last_good
+                else "no checkpoint was written")
+
+    def interrupted(*_):  # Ctrl-C: one line, where to resume from, exit status 130
+        fail(f"interrupted; {kept()}" + (f"; resume with --resume {run_dir}/checkpoint.pt"
+                                          if last_good else ""), status=130)
+    signal.signal(signal.SIGINT, interrupted)
 
     def evaluate(epoch):
         """k-NN on backbone features, and the same-class attention mass of every head layer.
@@ -670,8 +730,8 @@ if __name__ == "__main__":
             step += 1
             if step % args.log_every == 0 or i == steps_per_epoch - 1:  # the only host syncs of the loop
                 if bad_step.item() >= 0:  # the loss is the same on every rank, so all of them stop here
-                    fail(f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}); stopping. "
-                         f"The last good checkpoint is kept in {run_dir}", status=1)
+                    fail(f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}); stopping: {kept()}",
+                         status=1)
                 if rank == 0:
                     ips = (i + 1) * args.batch_size / (time.time() - t0)
                     eta = ((total_steps - step) * args.batch_size) / ips
@@ -683,16 +743,22 @@ if __name__ == "__main__":
         history["train_seconds"] += seconds
         history["train_images"] += steps_per_epoch * args.batch_size
         epoch += 1
+        bad = non_finite(model)  # a blown-up last update can leave NaN weights after a finite loss
+        if bad:  # the same on every rank (DDP keeps the weights equal), so all of them stop here
+            fail(f"non-finite weights after epoch {epoch} ({len(bad)} tensors, e.g. {bad[0]}); stopping: "
+                 f"{kept()}", status=1)
         if rank == 0:
             log(event="epoch", epoch=epoch, step=step, loss=(loss_sum / steps_per_epoch).item(), lr=opt.param_groups[0]["lr"],
                 seconds=seconds, images_per_sec=steps_per_epoch * args.batch_size / seconds)
             if args.eval_every and epoch % args.eval_every == 0 and epoch < args.epochs:
                 evaluate(epoch)
-            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
+            state = {
                 "method": "deepfusion", "args": asdict(args), "model": model.state_dict(),
                 "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
                 "history": history, "rng": {"torch": torch.get_rng_state(), "data": g.get_state().cpu(),
-                                            "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}})
+                                            "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}}
+            save_atomic(os.path.join(run_dir, "checkpoint.pt"), lambda f: torch.save(state, f))
+            last_good = epoch
         if args.stop_epoch is not None and epoch >= args.stop_epoch and epoch < args.epochs:
             if rank == 0:
                 print(f"stopped after epoch {epoch} (--stop-epoch); resume with --resume {run_dir}/checkpoint.pt")
@@ -702,14 +768,12 @@ if __name__ == "__main__":
         raise SystemExit(0)  # training is done; rank 0 evaluates alone
     final, train_f, test_f = evaluate(args.epochs)  # the linear probe reuses the k-NN features
     linear = linear_probe(train_f, train_y, test_f, test_y, n_cls, args.linear_epochs, args.seed)
-    torch.save(model.backbone.state_dict(), os.path.join(run_dir, "backbone.pt"))
+    save_atomic(os.path.join(run_dir, "backbone.pt"), lambda f: torch.save(model.backbone.state_dict(), f))
     summary = {"knn_acc": final["knn_acc"], "linear_acc": linear, "init": history.get("init"),
                "epochs": args.epochs, "images_per_sec": history["train_images"] / max(history["train_seconds"], 1e-9),
                "normalization": {"mean": data.mean, "std": data.std},
                **{k: v for k, v in final.items() if k not in ("event", "epoch", "step", "knn_acc")}}
     log(event="final", **summary)
-    with open(os.path.join(run_dir, "summary.json.tmp"), "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(os.path.join(run_dir, "summary.json.tmp"), os.path.join(run_dir, "summary.json"))
+    save_atomic(os.path.join(run_dir, "summary.json"), lambda f: f.write(json.dumps(summary, indent=2).encode()))
     print(f"done: knn_acc {summary['knn_acc']:.4f} linear_acc {linear:.4f} "
           f"(random init: knn_acc {history['init']['knn_acc']:.4f}) -> {run_dir}")
