@@ -3,13 +3,20 @@
 Huanran Li, Daniel Pimentel-Alarcon, "TransFusion: Contrastive Learning with Transformers",
 arXiv:2403.18681 (v1 2024, v3 2025).
 
-Two augmented views of B images go through a ResNet backbone and a linear stem; the 2B vectors are
-the tokens of one sequence (the batch is the sequence). Fusion blocks are single-head attention with
-the softmax replaced by ReLU of cosine scores (zero diagonal, rows normalised), added residually, no
-FFN. The final block is truncated: its attention matrix A (2B x 2B), the adjacency between samples,
-IS the output. Training minimises the Jensen-Shannon divergence between the rows of A and the rows
-of the target affinity T (which samples belong together: the two views of an image, or with
---supervised the samples of one class). Only the backbone is kept for downstream use and evaluation.
+Two augmented views of B images go through a ResNet backbone and a stem (Linear, then BatchNorm over
+the batch); the 2B vectors are the tokens of one sequence (the batch is the sequence). Fusion blocks
+are single-head attention with the softmax replaced by a ReLU of cosine scores (zero diagonal, rows
+normalised), added residually, no FFN. The final block is truncated: its attention matrix A
+(2B x 2B), the adjacency between samples, IS the output. Training minimises the Jensen-Shannon
+divergence between the rows of A and the rows of the target affinity T (which samples belong
+together: the two views of an image, or with --supervised the samples of one class). Only the
+backbone is kept for downstream use and evaluation.
+
+Taken literally the paper's head does not learn (every row of A dies, see README). Two choices of
+ours keep its three points (ReLU attention, A as the output, JSD to T) and make it learn: the stem's
+BatchNorm centres the tokens (a random backbone's features all have cosine ~0.9, so every ReLU row
+is flat or empty) and W_k = W_q (two views then start with a positive score). The README has the
+table of every formulation we measured; each is one flag away.
 
     python transfusion.py --batch-size 512 --dataset cifar10
     python transfusion.py --dataset synthetic --epochs 1        # offline smoke run
@@ -19,12 +26,14 @@ of the target affinity T (which samples belong together: the two views of an ima
 import atexit
 import contextlib
 import ctypes
+import dataclasses
 import datetime
 import io
 import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 import warnings
@@ -93,20 +102,20 @@ class Args:
     """token width d after the linear stem"""
     supervised: bool = False
     """target affinity from class labels instead of from the pairing of views"""
-    score: Literal["relu", "offset", "leaky", "square"] = "relu"
-    """score of a cosine in the fusion blocks: relu (paper), offset ReLU(cos + beta), leaky, square"""
-    final_score: Optional[Literal["relu", "offset", "leaky", "square"]] = None
+    score: Literal["centred", "relu", "offset", "leaky", "square"] = "centred"
+    """score of a cosine C in every block: relu(C - row mean of C) (ours), relu(C) (paper), ablations"""
+    final_score: Optional[Literal["relu", "centred", "offset", "leaky", "square"]] = None
     """score of the final (adjacency) block (default: --score)"""
     empty_rows: Literal["zero", "uniform"] = "zero"
-    """a row with no positive score: zero, or uniform (authors' code adds 1e-10 to every entry)"""
+    """a row with no positive score: zero (paper), or uniform (authors' code: 1e-10 on every entry)"""
     beta_init: float = 1.0
-    """offset score: initial beta of ReLU(cos + beta), learned per block"""
-    stem_bn: bool = False
-    """BatchNorm1d after the linear stem: centre the tokens over the batch"""
-    tied_qk: bool = False
-    """W_k = W_q: symmetric cosine scores, so two views start similar"""
-    loss_scale: float = 1.0
-    """multiplies the JSD (the authors' loss is 2 x JSD + log 2)"""
+    """--score offset: initial beta of relu(C + beta), learned per block"""
+    stem_bn: bool = True
+    """BatchNorm1d after the linear stem, centring the tokens over the batch (ours; see README)"""
+    tied_qk: bool = True
+    """W_k = W_q: symmetric cosines, so two views of an image start with a positive score (ours)"""
+    loss_scale: float = 10.0
+    """multiplies the JSD (ours: its gradient is weak, see README; the authors' loss is 2 x JSD + log 2)"""
     head_lr: float = 1.0
     """the head's learning rate as a multiple of the backbone's"""
     jsd: Literal["rows", "elementwise"] = "rows"
@@ -320,54 +329,56 @@ class GlobalBatchNorm(nn.BatchNorm2d):
 
 class FusionBlock(nn.Module):
     """One TransFusion block over the batch (pre-LN, single head, no FFN):
-        Y = LN(X);  Q = rownorm(Y Wq);  K = rownorm(Y Wk);  V = Y Wv
-        R = score(Q K^T) with zero diagonal;  A = R / (rowsum(R) + eps);  X <- X + A V
+        Y = LN(X);  Q = rownorm(Y Wq);  K = rownorm(Y Wk);  V = Y Wv     (tied: Wk = Wq)
+        C = Q K^T;  R = score(C) with zero diagonal;  A = R / (rowsum(R) + eps);  X <- X + A V
     The final block is truncated: it returns A itself (no A V, no residual)."""
 
     eps = 1e-6  # ours: keeps 1 / rowsum bounded when a row has almost no positive score
 
-    def __init__(self, d, score="relu", final=False, empty="zero", beta_init=1.0, slope=0.1, tied=False):
+    def __init__(self, d, score="relu", final=False, empty="zero", beta_init=1.0, tied=False):
         super().__init__()
-        self.score, self.final, self.empty, self.slope = score, final, empty, slope
+        self.score, self.final, self.empty = score, final, empty
         self.ln, self.q = nn.LayerNorm(d), nn.Linear(d, d)
         self.k = self.q if tied else nn.Linear(d, d)
         self.v = None if final else nn.Linear(d, d)
         self.beta = nn.Parameter(torch.tensor(float(beta_init))) if score == "offset" else None
 
-    def scores(self, cos):
-        if self.score == "relu":
-            return F.relu(cos)
-        if self.score == "offset":
-            return F.relu(cos + self.beta)
-        if self.score == "leaky":  # LeakyReLU lifted by its slope: >= 0 on [-1, 1]
-            return F.leaky_relu(cos, self.slope) + self.slope
-        return cos.square()
+    def cosines(self, y):
+        """C = rownorm(Y Wq) rownorm(Y Wk)^T, (N, N), fp32 under autocast."""
+        return F.normalize(self.q(y).float(), dim=-1) @ F.normalize(self.k(y).float(), dim=-1).T
+
+    def adjacency(self, C):
+        """A from the cosines C: the ReLU score in place of softmax's exp, then rows normalised."""
+        R = {"relu": lambda: F.relu(C),  # paper
+             "centred": lambda: F.relu(C - C.mean(1, keepdim=True)),  # ours: relu(C_ij - mean_j C_ij)
+             "offset": lambda: F.relu(C + self.beta),  # ours: a learned offset
+             "leaky": lambda: F.leaky_relu(C, 0.1) + 0.1,  # ours: LeakyReLU lifted to be >= 0 on [-1, 1]
+             "square": lambda: C.square()}[self.score]()  # authors' code (their loss adjacency)
+        off = 1 - torch.eye(len(C), device=C.device)
+        R = R * off  # no self-attention
+        if self.empty == "uniform":  # authors' code: 1e-10 on every entry, so an empty row becomes uniform
+            R = R + 1e-10 * off
+            return R / R.sum(1, keepdim=True)
+        return R / (R.sum(1, keepdim=True) + self.eps)  # rows sum to 1 (or 0 if no score is positive)
 
     def forward(self, x):
         """x (N, d) -> (x', A (N, N)); for the final block x' is x unchanged."""
         y = self.ln(x)
-        q, k = F.normalize(self.q(y).float(), dim=-1), F.normalize(self.k(y).float(), dim=-1)
-        cos = q @ k.T  # (N, N) cosine scores, fp32 under autocast
-        off = 1 - torch.eye(len(x), device=x.device)
-        R = self.scores(cos) * off  # no self-attention
-        if self.empty == "uniform":
-            R = R + 1e-10 * off
-            A = R / R.sum(1, keepdim=True)
-        else:
-            A = R / (R.sum(1, keepdim=True) + self.eps)  # rows sum to 1 (or 0 if no score is positive)
+        A = self.adjacency(self.cosines(y))
         return (x, A) if self.final else (x + (A @ self.v(y).float()).to(x.dtype), A)
 
 
 class TransFusionHead(nn.Module):
-    """Linear stem to width d, `blocks` fusion blocks, then the truncated final block."""
+    """Stem to width d (Linear, then BatchNorm1d over the batch with --stem-bn), `fusion_blocks`
+    fusion blocks, then the truncated final block. Built from the method's flags in args."""
 
-    def __init__(self, d_in, width, blocks, score, final_score=None, empty="zero", beta_init=1.0, tied=False,
-                 stem_bn=False):
+    def __init__(self, d_in, args):
         super().__init__()
-        self.stem = nn.Sequential(nn.Linear(d_in, width), nn.BatchNorm1d(width)) if stem_bn else nn.Linear(d_in, width)
-        kw = dict(empty=empty, beta_init=beta_init, tied=tied)
-        self.blocks = nn.ModuleList(FusionBlock(width, score, **kw) for _ in range(blocks))
-        self.final = FusionBlock(width, final_score or score, final=True, **kw)
+        d = args.width
+        self.stem = nn.Sequential(nn.Linear(d_in, d), *[nn.BatchNorm1d(d)] * args.stem_bn)
+        kw = dict(empty=args.empty_rows, beta_init=args.beta_init, tied=args.tied_qk)
+        self.blocks = nn.ModuleList(FusionBlock(d, args.score, **kw) for _ in range(args.fusion_blocks))
+        self.final = FusionBlock(d, args.final_score or args.score, final=True, **kw)
 
     def forward(self, h, every_block=False):
         """h (N, D) -> adjacency A (N, N); every_block: the A of every block, (blocks + 1, N, N)."""
@@ -382,8 +393,7 @@ class TransFusion(nn.Module):
     def __init__(self, args, image_size):
         super().__init__()
         self.backbone, d = make_backbone(args.backbone, image_size)
-        self.head = TransFusionHead(d, args.width, args.fusion_blocks, args.score, args.final_score,
-                                    args.empty_rows, args.beta_init, args.tied_qk, args.stem_bn)
+        self.head = TransFusionHead(d, args)
 
     def forward(self, views):  # (2b, 3, S, S) this rank's views -> adjacency (2B, 2B) of the global batch
         h = self.backbone(views.contiguous(memory_format=torch.channels_last))  # this rank's (2b, D)
@@ -521,27 +531,42 @@ def parse_args():
              f"{type(e).__name__} {first}")
     if ckpt.get("method") != "transfusion":
         fail(f"{args.resume!r} is a checkpoint of {ckpt.get('method')!r}, not transfusion")
-    return cli(Args(**{**ckpt["args"], "resume": args.resume})), ckpt
+    missing = sorted(CHECKPOINT_KEYS - set(ckpt))
+    unknown = sorted(set(ckpt["args"]) - {f.name for f in dataclasses.fields(Args)})
+    if missing or unknown:  # written by another version of this file
+        fail(f"checkpoint {args.resume!r} was written by another version of this script: "
+             + (f"it lacks {', '.join(missing)}" if missing else
+                f"unknown argument(s) {', '.join('--' + u.replace('_', '-') for u in unknown)}"))
+    # the checkpoint's arguments are the defaults; one-off flags (--stop-epoch) are not inherited
+    new = cli(Args(**{**ckpt["args"], "resume": args.resume, "stop_epoch": None}))
+    for name in ("dataset", "data_dir", "image_size", "num_samples", "batch_size"):
+        if getattr(new, name) != ckpt["args"][name] and int(os.environ.get("RANK", 0)) == 0:
+            print(f"note: resuming with --{name.replace('_', '-')} {getattr(new, name)}; the run "
+                  f"so far used {ckpt['args'][name]}", file=sys.stderr)
+    return new, ckpt
+
+
+# Every numeric flag's accepted range, both ends included, checked in one place (check_args) before
+# anything is written; every value must also be finite. The upper bounds keep a typo from exhausting
+# memory or overflowing (image side, widths, counts, seed). Generic flags here, the method's below.
+LIMITS = {"image_size": (8, 1024), "num_samples": (1, 10**9), "batch_size": (2, 1 << 16),
+          "epochs": (1, 100_000), "seed": (0, 2**32 - 3), "eval_every": (0, 100_000),
+          "linear_epochs": (1, 100_000), "knn_k": (1, 100_000), "knn_t": (1e-4, 100.0),
+          "log_every": (1, 10**9), "stop_epoch": (1, 100_000)}
+METHOD_LIMITS = {"fusion_blocks": (0, 64), "width": (1, 1 << 16), "beta_init": (-1.0, 2.0),
+                 "loss_scale": (1e-6, 1e6), "head_lr": (1e-6, 1e6), "lr": (1e-9, 100.0),
+                 "momentum": (0.0, 1.0), "weight_decay": (0.0, 1.0), "warmup_epochs": (0, 100_000),
+                 "min_scale": (1e-4, 1.0), "jitter_strength": (1e-6, 10.0), "jitter_p": (0.0, 1.0),
+                 "gray_p": (0.0, 1.0), "blur_p": (0.0, 1.0)}
 
 
 def check_args(args):
-    for name in ("epochs", "width", "linear_epochs", "knn_k", "log_every"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("knn_t", "lr", "jitter_strength"):
-        if not getattr(args, name) > 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.batch_size < 2:
-        fail(f"--batch-size must be at least 2 (contrastive pairs need other samples), got {args.batch_size}")
-    if args.fusion_blocks < 0 or args.eval_every < 0 or args.warmup_epochs < 0:
-        fail("--fusion-blocks, --eval-every and --warmup-epochs cannot be negative")
-    if args.image_size is not None and args.image_size < 8:
-        fail(f"--image-size must be at least 8, got {args.image_size}")
-    if args.min_scale is not None and not 0 < args.min_scale <= 1:
-        fail(f"--min-scale must be in (0, 1], got {args.min_scale}")
-    for name in ("jitter_p", "gray_p", "blur_p"):
-        if getattr(args, name) is not None and not 0 <= getattr(args, name) <= 1:
-            fail(f"--{name.replace('_', '-')} is a probability, got {getattr(args, name)}")
+    """Every numeric flag against LIMITS and METHOD_LIMITS (one line and exit 2 when outside)."""
+    for name, (lo, hi) in {**LIMITS, **METHOD_LIMITS}.items():
+        value = getattr(args, name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if v is not None and not (math.isfinite(v) and lo <= v <= hi):
+                fail(f"--{name.replace('_', '-')} must be in [{lo}, {hi}], got {v}")
 
 
 def keep_freed_memory():
@@ -556,10 +581,33 @@ def keep_freed_memory():
     libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap instead of trimming it
 
 
-def save_checkpoint(path, state):
-    """Atomic: a crash mid-write never leaves a truncated checkpoint.pt."""
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+CHECKPOINT_KEYS = {"method", "args", "model", "optimizer", "scaler", "epoch", "step", "history", "rng"}
+
+
+def save_atomic(path, write):
+    """write(file) into path + ".tmp", fsync, rename, fsync the directory: a crash or power loss never
+    leaves a truncated or empty file. A failed write (disk full, permission lost) ends the run with
+    one line, the previous file intact and the temp file removed."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        fail(f"could not write {path}: {e}; its previous version (if any) is intact", status=1)
+
+
+def non_finite(model):
+    """Names of the parameters and buffers holding NaN or inf."""
+    return [k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
 
 
 if __name__ == "__main__":
@@ -657,14 +705,34 @@ if __name__ == "__main__":
     # DDP averages gradients over ranks (and starts every rank from rank 0's weights and buffers)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     train_model = torch.compile(train_model) if args.compile else train_model
+    last_good = epoch  # the epoch of the newest checkpoint on disk (0: none)
     if rank == 0:  # only rank 0 writes, logs, evaluates and checkpoints; `model` is the unwrapped module
-        os.makedirs(os.path.join(run_dir, "figures"), exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=2)
-        metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        try:
+            os.makedirs(os.path.join(run_dir, "figures"), exist_ok=True)
+            for name in ("checkpoint.pt", "backbone.pt", "summary.json"):  # left by a killed run
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(run_dir, name + ".tmp"))
+            earlier = []  # args.json keeps the settings of every earlier part of a resumed run
+            with contextlib.suppress(OSError, ValueError):
+                old = json.load(open(os.path.join(run_dir, "args.json"))) if ckpt is not None else {}
+                earlier = old.pop("earlier", []) + [{**old, "until_epoch": epoch}] if old else []
+            with open(os.path.join(run_dir, "args.json"), "w") as f:
+                json.dump({**asdict(args), "earlier": earlier}, f, indent=2)
+            metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        except OSError as e:
+            fail(f"cannot write the run directory {run_dir!r}: {e.strerror or e}")
         log = lambda **kv: (metrics.write(json.dumps(kv) + "\n"), metrics.flush())
         print(f"transfusion | {args.dataset} {N} images {size}px | {device} amp={amp} | batch {args.batch_size}"
               + (f" = {world} processes x {b}" if world > 1 else "") + f" | {steps_per_epoch} steps/epoch | run dir {run_dir}")
+
+    def kept():
+        return (f"the last good checkpoint is {run_dir}/checkpoint.pt (epoch {last_good})" if last_good
+                else "no checkpoint was written")
+
+    def interrupted(*_):  # Ctrl-C: one line, where to resume from, exit status 130
+        fail(f"interrupted; {kept()}" + (f"; resume with --resume {run_dir}/checkpoint.pt"
+                                          if last_good else ""), status=130)
+    signal.signal(signal.SIGINT, interrupted)
 
     def evaluate(epoch):
         """k-NN on backbone features; adjacency of every block on two fixed views of the probe batch:
@@ -687,8 +755,8 @@ if __name__ == "__main__":
         out.update(same_class_adjacency=mass.tolist(), same_class_chance=chance, partner_mass=partner,
                    partner_chance=1 / (n2 - 1), dead_rows=dead)
         if dead > 0.5:
-            print(f"warning: {dead:.0%} of the final block's rows are dead (every ReLU score <= 0, no gradient); "
-                  "--score square does not have this failure (see README)", file=sys.stderr)
+            print(f"warning: {dead:.0%} of the final block's rows are dead (every ReLU score <= 0, no "
+                  "gradient); see the README on dead rows", file=sys.stderr)
         order = torch.sort(y2, stable=True).indices  # both views of each class together
         common.save_maps(os.path.join(run_dir, "figures", f"adjacency_epoch{epoch:04d}.png"),
                          maps[:, order][:, :, order], y2[order])
@@ -740,8 +808,8 @@ if __name__ == "__main__":
             step += 1
             if step % args.log_every == 0 or i == steps_per_epoch - 1:  # the only host syncs of the loop
                 if bad_step.item() >= 0:  # the loss is the same on every rank, so all of them stop here
-                    fail(f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}); stopping. "
-                         f"The last good checkpoint is kept in {run_dir}", status=1)
+                    fail(f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}); stopping: {kept()}",
+                         status=1)
                 if rank == 0:
                     ips = (i + 1) * args.batch_size / (time.time() - t0)
                     eta = ((total_steps - step) * args.batch_size) / ips
@@ -755,16 +823,24 @@ if __name__ == "__main__":
         history["train_seconds"] += seconds
         history["train_images"] += steps_per_epoch * args.batch_size
         epoch += 1
+        bad = non_finite(model)  # a blown-up last update can leave NaN weights after a finite loss
+        if bad:  # the same on every rank (DDP keeps the weights equal), so all of them stop here
+            fail(f"non-finite weights after epoch {epoch} ({len(bad)} tensors, e.g. {bad[0]}); stopping: "
+                 f"{kept()}", status=1)
         if rank == 0:
+            dead, partner = (live_sum / steps_per_epoch).tolist()  # of the final block, epoch means
             log(event="epoch", epoch=epoch, step=step, loss=(loss_sum / steps_per_epoch).item(), lr=opt.param_groups[0]["lr"],
-                seconds=seconds, images_per_sec=steps_per_epoch * args.batch_size / seconds)
+                seconds=seconds, images_per_sec=steps_per_epoch * args.batch_size / seconds, dead_rows=dead,
+                partner_mass=partner)
             if args.eval_every and epoch % args.eval_every == 0 and epoch < args.epochs:
                 evaluate(epoch)
-            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {
+            state = {
                 "method": "transfusion", "args": asdict(args), "model": model.state_dict(),
                 "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
                 "history": history, "rng": {"torch": torch.get_rng_state(), "data": g.get_state().cpu(),
-                                            "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}})
+                                            "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}}
+            save_atomic(os.path.join(run_dir, "checkpoint.pt"), lambda f: torch.save(state, f))
+            last_good = epoch
         if args.stop_epoch is not None and epoch >= args.stop_epoch and epoch < args.epochs:
             if rank == 0:
                 print(f"stopped after epoch {epoch} (--stop-epoch); resume with --resume {run_dir}/checkpoint.pt")
@@ -774,14 +850,12 @@ if __name__ == "__main__":
         raise SystemExit(0)  # training is done; rank 0 evaluates alone
     final, train_f, test_f = evaluate(args.epochs)  # the linear probe reuses the k-NN features
     linear = linear_probe(train_f, train_y, test_f, test_y, n_cls, args.linear_epochs, args.seed)
-    torch.save(model.backbone.state_dict(), os.path.join(run_dir, "backbone.pt"))
+    save_atomic(os.path.join(run_dir, "backbone.pt"), lambda f: torch.save(model.backbone.state_dict(), f))
     summary = {"knn_acc": final["knn_acc"], "linear_acc": linear, "init": history.get("init"),
                "epochs": args.epochs, "images_per_sec": history["train_images"] / max(history["train_seconds"], 1e-9),
                "normalization": {"mean": data.mean, "std": data.std},
                **{k: v for k, v in final.items() if k not in ("event", "epoch", "step", "knn_acc")}}
     log(event="final", **summary)
-    with open(os.path.join(run_dir, "summary.json.tmp"), "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(os.path.join(run_dir, "summary.json.tmp"), os.path.join(run_dir, "summary.json"))
+    save_atomic(os.path.join(run_dir, "summary.json"), lambda f: f.write(json.dumps(summary, indent=2).encode()))
     print(f"done: knn_acc {summary['knn_acc']:.4f} linear_acc {linear:.4f} "
           f"(random init: knn_acc {history['init']['knn_acc']:.4f}) -> {run_dir}")

@@ -71,3 +71,39 @@ def union_of_subspaces(n, D=64, K=4, r=3, noise=0.3, seed=0):
         return torch.cat([view(), view()]), torch.cat([y, y])
     return batch
 
+
+DRIVER = """
+import runpy, sys, torch
+script, mode, at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+calls = [0]
+if mode == "poison":  # after the optimizer's step number `at`, a weight is NaN
+    for cls in (torch.optim.SGD, torch.optim.AdamW):
+        def make(orig):
+            def step(self, *a, **k):
+                out = orig(self, *a, **k)
+                calls[0] += 1
+                if calls[0] >= at:
+                    with torch.no_grad():
+                        self.param_groups[0]["params"][0].fill_(float("nan"))
+                return out
+            return step
+        cls.step = make(cls.step)
+else:  # torch.save's call number `at` fails as on a full disk
+    save = torch.save
+    def failing(*a, **k):
+        calls[0] += 1
+        if calls[0] == at:
+            raise OSError(28, "No space left on device")
+        return save(*a, **k)
+    torch.save = failing
+sys.argv = [script] + sys.argv[4:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def run_patched(script, mode, at, *args):
+    """Run a method file as __main__ with a fault injected: "poison" (a NaN weight after the optimizer's
+    step number `at`) or "save" (torch.save's call number `at` fails as on a full disk)."""
+    return subprocess.run([sys.executable, "-c", DRIVER, os.path.join(ROOT, script), mode, str(at),
+                           *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import METHODS, TINY, assert_usage_error, run_cli, run_dir_of
+from conftest import METHODS, TINY, assert_usage_error, run_cli, run_dir_of, run_patched
 
 def _plain_resnet18():
     net = torchvision.models.resnet18()
@@ -146,9 +146,10 @@ def test_checkpoint_of_another_architecture(script, checkpoints):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(script, checkpoints, tmp_path):
     ckpt = checkpoints(script)
     before = torch.load(ckpt, weights_only=True)
-    p = run_cli(script, "--resume", ckpt, "--lr", "1e30")
+    p = run_patched(script, "poison", 1, "--resume", ckpt)  # the first update of epoch 2 leaves a NaN
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert "non-finite loss at step" in p.stderr and "epoch 2" in p.stderr
+    assert f"{ckpt} (epoch 1)" in p.stderr  # names the checkpoint that really is good
     after = torch.load(ckpt, weights_only=True)
     assert after["epoch"] == 1 == before["epoch"]
     assert all(torch.isfinite(v).all() for v in after["model"].values() if v.is_floating_point())

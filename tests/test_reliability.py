@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from conftest import METHODS, ROOT, TINY, assert_usage_error, run_cli, run_dir_of
+from conftest import METHODS, ROOT, TINY, assert_usage_error, run_cli, run_dir_of, run_patched
 
 
 def _outside(lo, hi):
@@ -65,41 +65,6 @@ def test_bad_flags_through_the_command_line(script, args, words, tmp_path):
     assert not os.path.exists(tmp_path / "runs")  # nothing written
 
 
-DRIVER = """
-import runpy, sys, torch
-script, mode, at = sys.argv[1], sys.argv[2], int(sys.argv[3])
-calls = [0]
-if mode == "poison":  # after the optimizer's step number `at`, a weight is NaN
-    for cls in (torch.optim.SGD, torch.optim.AdamW):
-        def make(orig):
-            def step(self, *a, **k):
-                out = orig(self, *a, **k)
-                calls[0] += 1
-                if calls[0] >= at:
-                    with torch.no_grad():
-                        self.param_groups[0]["params"][0].fill_(float("nan"))
-                return out
-            return step
-        cls.step = make(cls.step)
-else:  # torch.save's call number `at` fails as on a full disk
-    save = torch.save
-    def failing(*a, **k):
-        calls[0] += 1
-        if calls[0] == at:
-            raise OSError(28, "No space left on device")
-        return save(*a, **k)
-    torch.save = failing
-sys.argv = [script] + sys.argv[4:]
-runpy.run_path(script, run_name="__main__")
-"""
-
-
-def _run_patched(script, mode, at, *args):
-    return subprocess.run([sys.executable, "-c", DRIVER, os.path.join(ROOT, script), mode, str(at),
-                           *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
-
-
 def _one_line_failure(p, *words):
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
     lines = p.stderr.strip().splitlines()
@@ -112,10 +77,10 @@ def _one_line_failure(p, *words):
 def test_weights_blown_up_by_the_last_update_are_never_saved(script, tmp_path):
     """One step per epoch: the step's loss is finite, the update leaves NaN weights."""
     one_step = [*TINY, *METHODS[script]["fast"], "--num-samples", "16", "--eval-every", "0"]
-    p = _run_patched(script, "poison", 1, *one_step, "--epochs", "1", "--output-dir", tmp_path / "a")
+    p = run_patched(script, "poison", 1, *one_step, "--epochs", "1", "--output-dir", tmp_path / "a")
     _one_line_failure(p, "non-finite weights after epoch 1", "no checkpoint was written")
     assert sorted(os.listdir(run_dir_of(tmp_path / "a"))) == ["args.json", "figures", "metrics.jsonl"]
-    p = _run_patched(script, "poison", 2, *one_step, "--epochs", "3", "--output-dir", tmp_path / "b")
+    p = run_patched(script, "poison", 2, *one_step, "--epochs", "3", "--output-dir", tmp_path / "b")
     run = run_dir_of(tmp_path / "b")
     _one_line_failure(p, "non-finite weights after epoch 2", f"{run}/checkpoint.pt (epoch 1)")
     ckpt = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True)
@@ -124,14 +89,14 @@ def test_weights_blown_up_by_the_last_update_are_never_saved(script, tmp_path):
 
 
 def test_non_finite_loss_in_the_first_epoch_promises_no_checkpoint(tmp_path):
-    p = _run_patched("deepfusion.py", "poison", 1, *TINY, "--head-layers", "1", "--eval-every", "0",
+    p = run_patched("deepfusion.py", "poison", 1, *TINY, "--head-layers", "1", "--eval-every", "0",
                      "--output-dir", tmp_path)
     _one_line_failure(p, "non-finite loss at step 2 (epoch 1)", "no checkpoint was written")
     assert not os.path.exists(os.path.join(run_dir_of(tmp_path), "checkpoint.pt"))
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path):
-    p = _run_patched("deepfusion.py", "save", 2, *TINY, "--head-layers", "1", "--eval-every", "0",
+    p = run_patched("deepfusion.py", "save", 2, *TINY, "--head-layers", "1", "--eval-every", "0",
                      "--output-dir", tmp_path)
     run = run_dir_of(tmp_path)
     _one_line_failure(p, f"could not write {run}/checkpoint.pt", "No space left on device")
