@@ -651,9 +651,10 @@ if __name__ == "__main__":
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(run_dir, name + ".tmp"))
             earlier = []  # args.json keeps the settings of every earlier part of a resumed run
-            with contextlib.suppress(OSError, ValueError):
-                old = json.load(open(os.path.join(run_dir, "args.json"))) if ckpt is not None else {}
-                earlier = old.pop("earlier", []) + [{**old, "until_epoch": epoch}] if old else []
+            if ckpt is not None:
+                with contextlib.suppress(OSError, ValueError), open(os.path.join(run_dir, "args.json")) as f:
+                    old = json.load(f)
+                    earlier = old.pop("earlier", []) + [{**old, "until_epoch": epoch}]
             with open(os.path.join(run_dir, "args.json"), "w") as f:
                 json.dump({**asdict(args), "earlier": earlier}, f, indent=2)
             metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a")

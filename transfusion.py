@@ -12,11 +12,12 @@ divergence between the rows of A and the rows of the target affinity T (which sa
 together: the two views of an image, or with --supervised the samples of one class). Only the
 backbone is kept for downstream use and evaluation.
 
-Taken literally the paper's head does not learn (every row of A dies, see README). Two choices of
+Taken literally the paper's head does not learn (every row of A dies, see README). Four choices of
 ours keep its three points (ReLU attention, A as the output, JSD to T) and make it learn: the stem's
 BatchNorm centres the tokens (a random backbone's features all have cosine ~0.9, so every ReLU row
-is flat or empty) and W_k = W_q (two views then start with a positive score). The README has the
-table of every formulation we measured; each is one flag away.
+is flat or empty), W_k = W_q (two views then start with a positive score), the score
+relu(C - row mean of C) (no row is ever empty) and 10 x JSD (its gradient is weak). The README has
+the table of every formulation we measured; each is one flag away.
 
     python transfusion.py --batch-size 512 --dataset cifar10
     python transfusion.py --dataset synthetic --epochs 1        # offline smoke run
@@ -713,9 +714,10 @@ if __name__ == "__main__":
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(run_dir, name + ".tmp"))
             earlier = []  # args.json keeps the settings of every earlier part of a resumed run
-            with contextlib.suppress(OSError, ValueError):
-                old = json.load(open(os.path.join(run_dir, "args.json"))) if ckpt is not None else {}
-                earlier = old.pop("earlier", []) + [{**old, "until_epoch": epoch}] if old else []
+            if ckpt is not None:
+                with contextlib.suppress(OSError, ValueError), open(os.path.join(run_dir, "args.json")) as f:
+                    old = json.load(f)
+                    earlier = old.pop("earlier", []) + [{**old, "until_epoch": epoch}]
             with open(os.path.join(run_dir, "args.json"), "w") as f:
                 json.dump({**asdict(args), "earlier": earlier}, f, indent=2)
             metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a")
@@ -795,8 +797,7 @@ if __name__ == "__main__":
             T = target_affinity(train_y[idx].repeat(2) if args.supervised else pair)  # (2B, 2B)
             loss = args.loss_scale * jsd_loss(A, T, args.jsd)
             with torch.no_grad():  # is the final block alive? (read on the host at log steps only)
-                Af = A.float()
-                live_sum += torch.stack([dead_rows(Af), partner_mass(Af)])
+                live_sum += torch.stack([dead_rows(A), partner_mass(A)])  # A is fp32 (see cosines)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
