@@ -38,7 +38,7 @@ class Data:
 # ----------------------------------------------------------------------------- datasets
 
 
-def load_dataset(name, data_dir, download=True, image_size=None, num_samples=None):
+def load_dataset(name, data_dir, download=True, image_size=None, num_samples=None, seed=0, cache=True):
     """Load a dataset into memory. Raises UsageError with a one-line reason on bad input.
 
     name: one of DATASETS. image_size: resize to this side (None: the native size; folders 32).
@@ -73,6 +73,47 @@ def load_dataset(name, data_dir, download=True, image_size=None, num_samples=Non
     mean, std = sample.mean((0, 2, 3)), sample.std((0, 2, 3)).clamp_min(1e-3)
     return Data(pretrain_x, train_x, train_y, test_x, test_y, list(classes),
                 tuple(mean.tolist()), tuple(std.tolist()))
+
+
+def load_on_ranks(rank, world, *args, **kwargs):
+    """load_dataset(*args, **kwargs) under torchrun: rank 0 loads (and downloads) first, the others
+    learn how that went, then read its files. Every rank raises rank 0's UsageError; a rank that
+    fails alone (e.g. a --data-dir not shared between nodes) raises one with .own = True."""
+    import torch.distributed as dist
+
+    def load():
+        try:
+            return load_dataset(*args, **kwargs), None
+        except UsageError as e:
+            return None, e
+    data, error = load() if rank == 0 else (None, None)
+    if world > 1:
+        shared = [None if error is None else str(error)]
+        dist.broadcast_object_list(shared, src=0)
+        if shared[0] is not None:
+            raise UsageError(shared[0])
+        if rank > 0:
+            data, error = load()
+            if error is not None:
+                error = UsageError(f"rank {rank}: {error}")
+                error.own = True
+    if error is not None:
+        raise error
+    return data
+
+
+def place(x, device, where="auto"):
+    """The uint8 images to train from: on the device, or ("host") in pinned host memory, copied per
+    batch. auto: the device. Returns (tensor, where)."""
+    if where not in ("auto", "device", "host"):
+        raise ValueError(f"where must be auto, device or host, got {where!r}")
+    where = "device" if where == "auto" else where
+    return (x.to(device), where) if where == "device" else (x, where)
+
+
+def batch(x, idx, device):
+    """x[idx] on device."""
+    return x[idx.to(x.device)].to(device, non_blocking=True)
 
 
 def _torchvision(name, root, download):
@@ -205,6 +246,46 @@ def resize(x, size, chunk=4096):
 
 
 @torch.no_grad()
+def extract(backbone, x, norm, device, amp_dtype=None, batch=512):
+    """Backbone features (N, D) in fp32 of un-augmented uint8 images x (on the device or the host),
+    normalised by norm, in eval mode; amp_dtype: autocast to bf16/fp16, None: fp32."""
+    was_training = backbone.training
+    backbone.eval()
+    feats = []
+    for i in range(0, len(x), batch):
+        with torch.autocast(device.type, amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            xb = norm(x[i:i + batch].to(device, non_blocking=True).float() / 255)
+            feats.append(backbone(xb.contiguous(memory_format=torch.channels_last)).float())
+    backbone.train(was_training)
+    return torch.cat(feats)
+
+
+def linear_probe(train_f, train_y, test_f, test_y, num_classes, epochs, seed, batch=1024):
+    """Top-1 test accuracy of a linear classifier trained on frozen, standardised features
+    (Adam 1e-3, cosine; ours: a fast, robust choice for a probe on cached features). Its own RNG:
+    the probe does not consume the training run's."""
+    mu, sd = train_f.mean(0), train_f.std(0).clamp_min(1e-6)
+    train_f, test_f = (train_f - mu) / sd, (test_f - mu) / sd
+    g = torch.Generator(train_f.device).manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clf = torch.nn.Linear(train_f.shape[1], num_classes).to(train_f.device)
+    opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * -(-len(train_f) // batch)))
+    for _ in range(epochs):
+        perm = torch.randperm(len(train_f), device=train_f.device, generator=g)
+        for i in range(0, len(perm), batch):
+            idx = perm[i:i + batch]
+            loss = F.cross_entropy(clf(train_f[idx]), train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        return accuracy(clf(test_f), test_y)
+
+
+@torch.no_grad()
 def knn_accuracy(train_f, train_y, test_f, test_y, num_classes, k=200, t=0.1, chunk=1024):
     """Weighted k-NN top-1 accuracy (the protocol of lightly's CIFAR benchmarks).
 
@@ -265,3 +346,15 @@ def save_maps(path, maps, y, cell=2):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     torchvision.utils.save_image(img, path, nrow=len(img), padding=4, pad_value=1.0)
 
+
+
+def save_views(path, rows, size=96):
+    """Save images as one PNG grid, one row of 8 per entry of rows (each (n, 3, s, s) in [0, 1]:
+    e.g. originals, then their views); smaller crops centred on white, small images enlarged
+    to about `size` px so a person can see what the augmentation does."""
+    side = max(r.shape[-1] for r in rows)
+    pad = lambda r, p: F.pad(r, [p, side - r.shape[-1] - p] * 2, value=1.0)
+    grid = torch.cat([pad(r.float(), (side - r.shape[-1]) // 2) for r in rows])
+    up = max(1, size // side)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    torchvision.utils.save_image(grid.repeat_interleave(up, 2).repeat_interleave(up, 3), path, nrow=8)

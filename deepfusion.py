@@ -1,21 +1,20 @@
 """Deep Fusion: SimCLR with a Transformer projection head whose attention runs across the batch.
 
-Huanran Li, Daniel Pimentel-Alarcon, "Deep Fusion: Capturing Dependencies in Contrastive Learning via
-Transformer Projection Heads", arXiv:2403.18681 (v2, 2024).
+Huanran Li, Daniel Pimentel-Alarcon, "Deep Fusion: Capturing Dependencies in Contrastive Learning
+via Transformer Projection Heads", arXiv:2403.18681 (v2, 2024).
 
 Two augmented views of B images go through a ResNet backbone; the 2B feature vectors are then the
-tokens of ONE sequence fed to a Transformer encoder (no positional encoding), so every sample attends
-to the other samples of the batch. The head ends in the usual SimCLR MLP and is trained with NT-Xent.
-The paper's observation ("deep fusion"): in deeper head layers the attention concentrates on samples
-of the same class, without labels. This file measures that (same-class attention mass per layer) and
-draws it. Only the backbone is kept for downstream use and evaluation.
+tokens of ONE sequence fed to a Transformer encoder (no positional encoding), so every sample
+attends to the other samples of the batch. The head ends in the usual SimCLR MLP and is trained
+with NT-Xent. The paper's observation ("deep fusion"): in deeper head layers the attention
+concentrates on samples of the same class, without labels. This file measures that (same-class
+attention mass per layer) and draws it. Only the backbone is kept for evaluation.
 
     python deepfusion.py --batch-size 512 --dataset cifar10
     python deepfusion.py --dataset synthetic --epochs 1        # offline smoke run
-    torchrun --nproc-per-node 8 deepfusion.py --batch-size 4096 --sync-bn   # 8 GPUs; the batch is global
+    torchrun --nproc-per-node 8 deepfusion.py --batch-size 4096 --sync-bn   # the batch is global
 """
 
-import atexit
 import contextlib
 import ctypes
 import dataclasses
@@ -29,7 +28,6 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
 import torch
@@ -41,24 +39,32 @@ import tyro
 
 import common
 
+METHOD = "deepfusion"  # names the run directories; a checkpoint of another method is refused
 
-@dataclass
+
+@dataclasses.dataclass
 class Args:
     # ---- generic: identical in deepfusion.py, transfusion.py and bam.py
-    dataset: Literal["cifar10", "cifar100", "stl10", "imagefolder", "synthetic"] = "cifar10"
+    dataset: Literal["cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder",
+                     "synthetic"] = "cifar10"
     """dataset; imagefolder reads DATA_DIR/train/<class>/* and DATA_DIR/test/<class>/*"""
     data_dir: str = "data"
     """where datasets are downloaded to / read from"""
     download: bool = True
     """download torchvision datasets that are missing from --data-dir"""
+    cache: bool = True
+    """keep decoded image folders in a cache file beside them (rebuilt when the folder changes)"""
+    data_on: Literal["auto", "device", "host"] = "auto"
+    """where the uint8 images live: device memory, or pinned host memory copied per batch (auto:
+    the device if they fit)"""
     image_size: Optional[int] = None
     """resize images to this side length (default: native size; 32 for image folders)"""
     backbone: Literal["resnet18", "resnet50"] = "resnet18"
     """torchvision ResNet; images <= 64 px get the CIFAR stem (3x3 conv, no max-pool)"""
     num_samples: Optional[int] = None
-    """use only the first N training images (default: all)"""
+    """use a seeded, class-balanced subset of N training images (default: all)"""
     batch_size: int = 512
-    """images per optimisation step (each contributes several views)"""
+    """images per optimisation step, over all processes (each contributes several views)"""
     epochs: int = 200
     """training epochs (the learning-rate schedule spans all of them)"""
     seed: int = 1
@@ -86,10 +92,10 @@ class Args:
     stop_epoch: Optional[int] = None
     """stop after this epoch as if interrupted, keeping the checkpoint (for testing --resume)"""
     sync_bn: bool = False
-    """under torchrun: the backbone's BatchNorm statistics over the global batch, not each rank's shard"""
+    """under torchrun: backbone BatchNorm statistics over the global batch, not each rank's shard"""
     # ---- method: Deep Fusion
     head: Literal["transformer", "ffn", "mlp"] = "transformer"
-    """projection head: Transformer over the batch, depth-matched feed-forward baseline, or SimCLR MLP"""
+    """projection head: Transformer over the batch, depth-matched FFN baseline, or SimCLR's MLP"""
     head_layers: int = 5
     """Transformer (or FFN) blocks before the MLP"""
     head_heads: int = 8
@@ -97,7 +103,7 @@ class Args:
     proj_dim: int = 128
     """output dimension of the projection MLP"""
     tau: float = 0.1
-    """NT-Xent temperature (authors' code: 0.1 with the Transformer head; SimCLR on CIFAR often 0.5)"""
+    """NT-Xent temperature (authors' code: 0.1 with the Transformer head; SimCLR often 0.5)"""
     lr: float = 0.06
     """SGD learning rate per 256 images (scaled by batch-size / 256)"""
     momentum: float = 0.9
@@ -118,196 +124,20 @@ class Args:
     """probability of Gaussian blur (default: 0 at <= 64 px, 0.5 above)"""
 
 
-# ----------------------------------------------------------------------------- augmentation
-# torchvision's SimCLR pipeline is RandomResizedCrop -> HorizontalFlip -> ColorJitter(p=0.8) ->
-# Grayscale(p=0.2) -> GaussianBlur. Here the same draws are made per sample, but the work is a few
-# batched tensor ops:
-# * crop, resize, flip and blur are linear along each image axis, so for every sample they are one
-#   (size x H) matrix per axis, and the whole view is Ry @ x @ Rx^T (two batched matmuls). Resizing
-#   uses a triangle (bilinear) filter widened when downscaling, i.e. antialiased like PIL's.
-# * brightness, saturation, hue (a rotation in YIQ space, the usual GPU approximation of the HSV hue
-#   shift) and grayscale are 3x3 colour matrices; contrast blends with the image's mean grey level,
-#   which an affine colour map moves affinely. So all colour ops fold into one per-sample affine map
-#   x -> M x + o, applied once (see colour_matrices for its closed form).
-# * torchvision's ColorJitter applies its four ops in a random order per image. In this linear model
-#   they commute (hue and saturation keep the grey level and the grey axis, brightness scales both,
-#   and contrast's offset comes out as (1 - c) b mean_grey in every order), so no order is drawn: the
-#   order only matters through torchvision's clamping after every op.
-# Differences from torchvision: boxes are not rounded to whole pixels; values are clamped to [0, 1]
-# once at the end instead of after every jitter op; blur is applied before the colour ops, which
-# commutes with them up to that clamping; hue is the YIQ rotation.
+# Every numeric flag of the method, its accepted range (both ends included); see check_args.
+METHOD_LIMITS = {"head_layers": (0, 64), "head_heads": (1, 64), "proj_dim": (1, 1 << 16),
+                 "tau": (1e-4, 100.0), "lr": (1e-9, 100.0), "momentum": (0.0, 1.0),
+                 "weight_decay": (0.0, 1.0), "warmup_epochs": (0, 100_000),
+                 "min_scale": (1e-4, 1.0), "jitter_strength": (1e-6, 10.0),
+                 "jitter_p": (0.0, 1.0), "gray_p": (0.0, 1.0), "blur_p": (0.0, 1.0)}
 
-GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
-RGB2YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
-
-
-def colour_basis():
-    """(3, 3, 3): 1 g^T (every channel := grey level g^T x), I - 1 g^T (the chroma part of x) and the
-    chroma rotated by 90 degrees in the (I, Q) plane, i.e. T^-1 [[0, 0, 0], [0, 0, -1], [0, 1, 0]] T."""
-    T = torch.tensor(RGB2YIQ, dtype=torch.float64)
-    grey = torch.ones(3, 1, dtype=torch.float64) * T[:1]
-    rot = torch.linalg.inv(T) @ torch.tensor([[0, 0, 0], [0, 0, -1], [0, 1, 0]], dtype=torch.float64) @ T
-    return torch.stack([grey, torch.eye(3, dtype=torch.float64) - grey, rot]).float()
-
-
-COLOUR_BASIS = colour_basis()
-
-
-TRIES = 10  # RandomResizedCrop's attempts at a box that fits
-# A sample's randomness is one row u of NU uniforms in [0, 1), drawn for the whole (global) batch at
-# once. A view is then a function of its image and its row alone, whatever else is in the batch, so a
-# rank that augments only its shard makes exactly the views one process would make (see __main__).
-# Columns: crop (T area tries, T log-aspect tries, y, x), flip, blur, blur sigma, colour (jitter on,
-# brightness, contrast, saturation, hue, grayscale).
-U_CROP, U_COLOUR = 2 * TRIES + 2, 6
-NU = U_CROP + 3 + U_COLOUR
-
-
-def crop_boxes(u, scale, ratio):
-    """RandomResizedCrop boxes from u (B, 2T + 2) as fractions of the side: (y0, x0, h, w), each (B,). As
-    torchvision: area ~ U(scale), log aspect ~ U(log ratio); the first of T tries that fits, else the whole image."""
-    T = (u.shape[1] - 2) // 2
-    area = scale[0] + (scale[1] - scale[0]) * u[:, :T]
-    logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, T:2 * T]
-    w, h = (area * logr.exp()).sqrt(), (area / logr.exp()).sqrt()
-    fits = (w <= 1) & (h <= 1)
-    first = fits.float().argmax(1, keepdim=True)  # index of the first fitting try (0 if none fits)
-    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
-    w, h = [torch.where(fits.any(1), v, torch.ones_like(v)) for v in (w, h)]
-    return u[:, -2] * (1 - h), u[:, -1] * (1 - w), h, w
-
-
-def resample_matrix(start, length, n_in, n_out, flip=None):
-    """Per-sample (n_out x n_in) matrices that resample the interval [start, start + length) (fractions
-    of the side) onto n_out pixels with a triangle filter of width max(1, input px per output px);
-    where flip (B,) is true, in mirrored order."""
-    step = length * n_in / n_out  # input pixels per output pixel, (B,)
-    pos = torch.arange(n_out, device=start.device) + 0.5  # output pixel centres
-    if flip is not None:
-        pos = torch.where(flip[:, None], n_out - pos, pos)
-    centre = start[:, None] * n_in + pos * step[:, None] - 0.5
-    j = torch.arange(n_in, device=start.device)
-    w = (j - centre[:, :, None]).abs_().mul_(-1 / step.clamp_min(1)[:, None, None]).add_(1).clamp_(min=0)  # (B, n_out, n_in)
-    return w.div_(w.sum(-1, keepdim=True))
-
-
-def blur_matrix(sigma, n):
-    """Per-sample (n x n) Gaussian blur matrices, kernel ~10% of the side, reflect padding (torchvision)."""
-    r = max(1, int(0.1 * n) // 2)
-    t = torch.arange(-r, r + 1, device=sigma.device)
-    k = torch.exp(-t[None] ** 2 / (2 * sigma[:, None] ** 2))
-    k = k / k.sum(1, keepdim=True)  # (B, 2r+1)
-    src = torch.arange(n, device=sigma.device)[:, None] + t[None]  # (n, 2r+1), reflect into [0, n)
-    src = torch.where(src < 0, -src, torch.where(src >= n, 2 * (n - 1) - src, src))
-    G = torch.zeros(len(sigma), n, n, device=sigma.device)
-    G.scatter_add_(2, src.expand(len(sigma), n, 2 * r + 1), k[:, None, :].expand(-1, n, -1))
-    return G
-
-
-def colour_matrices(x, u, jitter, jitter_p, gray_p):
-    """Per-sample affine colour map (M (B,3,3), o (B,3)) of colour jitter, then grayscale; u (B, 6): the
-    sample's colour uniforms (see NU). With brightness b, contrast c, saturation s, hue angle h:
-        M = b c [1 g^T + s cos(h) (I - 1 g^T) + s sin(h) rot],   o = (1 - c) b (g^T mean colour) 1
-    (saturation scales the chroma, hue rotates it, contrast blends with the mean grey level); grayscale
-    keeps only the first term (1 g^T M = b c 1 g^T)."""
-    on = u[:, 0] < jitter_p
-    bri, con, sat = [torch.where(on, max(0, 1 - s) + (1 + s - max(0, 1 - s)) * u[:, 1 + j], 1.0)
-                     for j, s in enumerate(jitter[:3])]
-    hue = torch.where(on, (2 * u[:, 4] - 1) * jitter[3], 0.0) * 2 * math.pi
-    chroma = sat * (u[:, 5] >= gray_p)  # grayscale: no chroma left
-    coef = torch.stack([torch.ones_like(sat), chroma * hue.cos(), chroma * hue.sin()], 1) * (bri * con)[:, None]
-    M = (coef @ COLOUR_BASIS.to(x.device).view(3, 9)).view(-1, 3, 3)
-    mean_grey = x.mean((2, 3)) @ torch.tensor(GREY, device=x.device)  # of the view before colour ops
-    return M, ((1 - con) * bri * mean_grey)[:, None].expand(-1, 3)
-
-
-def augment(x, u, size, scale, ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter=(0.4, 0.4, 0.4, 0.1),
-            jitter_p=0.8, gray_p=0.2, blur_p=0.0):
-    """uint8 (B, 3, H, W) -> float (B, 3, size, size) in [0, 1]; sample i's crop box, flip, colour jitter,
-    grayscale and blur all come from its uniforms u[i] (u: (B, NU), on x's device)."""
-    B, _, H, W = x.shape
-    box, flip, blur, sigma, colour = u.split((U_CROP, 1, 1, 1, U_COLOUR), dim=1)
-    y0, x0, h, w = crop_boxes(box, scale, ratio)
-    Ry, Rx = resample_matrix(y0, h, H, size), resample_matrix(x0, w, W, size, flip=flip[:, 0] < flip_p)
-    if blur_p > 0:  # one sigma ~ U(0.1, 2) per sample for both axes, as torchvision's GaussianBlur
-        Gb, blur = blur_matrix(0.1 + 1.9 * sigma[:, 0], size), blur[:, :, None] < blur_p
-        Ry, Rx = torch.where(blur, Gb @ Ry, Ry), torch.where(blur, Gb @ Rx, Rx)
-    # columns, then rows, in the layouts that need no copies (measured fastest of four on one CPU thread);
-    # 1 / 255 folded into Rx
-    v = torch.bmm(x.reshape(B, 3 * H, W).float(), Rx.transpose(1, 2).contiguous().div_(255))  # (B, 3H, size)
-    v = torch.matmul(Ry[:, None], v.view(B, 3, H, size))  # (B, 3, size, size)
-    M, o = colour_matrices(v, colour, jitter, jitter_p, gray_p)
-    return torch.baddbmm(o[:, :, None], M, v.reshape(B, 3, size * size)).view(B, 3, size, size).clamp_(0, 1)  # M v + o
-
-
-def views_of(x, u, args, size):
-    """The two SimCLR views of B images, view-major: row v * B + i is view v of image i,
-    (2B, 3, size, size) in [0, 1]. u (2, B, NU): every view's uniforms."""
-    small = size <= 64
-    scale = (args.min_scale if args.min_scale is not None else (0.2 if small else 0.08), 1.0)
-    blur_p = args.blur_p if args.blur_p is not None else (0.0 if small else 0.5)
-    s = args.jitter_strength
-    kw = dict(scale=scale, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_p=args.jitter_p,
-              gray_p=args.gray_p, blur_p=blur_p)
-    return augment(x.repeat(2, 1, 1, 1), u.reshape(-1, NU), size, **kw)  # both views in one call
-
-
-# ----------------------------------------------------------------------------- model
-
-
-def make_backbone(name, image_size):
-    """torchvision ResNet with fc = Identity; CIFAR stem for small images. Returns (net, feature dim)."""
-    net = getattr(torchvision.models, name)()
-    if image_size <= 64:
-        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        net.maxpool = nn.Identity()
-    dim = net.fc.in_features
-    net.fc = nn.Identity()
-    return net, dim
-
-
-# torch 2.14 marks torch.distributed.nn.functional deprecated in favour of a private module; it is still
-# the public, autograd-aware form of the collectives (torch >= 2.4), so that warning is silenced
-warnings.filterwarnings("ignore", "torch.distributed.nn.functional", FutureWarning)
-
-
-def gather(h, views):
-    """Rows of every rank in the order one process with the whole batch has them, view-major over the
-    global batch: (views * b, D) on each of W ranks -> (views * W * b, D). Autograd-aware: every rank
-    computes the same loss over the global batch, so a rank's rows receive the sum of W identical
-    gradients, which DDP's averaging divides back: the step is the one-process step. One process: h."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return h
-    parts = torch.distributed.nn.functional.all_gather(h)  # W x (views * b, D)
-    return torch.stack(parts).unflatten(1, (views, -1)).transpose(0, 1).flatten(0, 2)
-
-
-class GlobalBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics are those of the global batch, over all ranks (--sync-bn),
-    through autograd-aware all_reduce, so the gradient through the statistics reaches every rank. The
-    job of nn.SyncBatchNorm, which refuses CPU tensors (so it could not be tested here). Same state_dict
-    as BatchNorm2d; in eval mode, or in one process, it is BatchNorm2d."""
-
-    def forward(self, x):
-        if not (self.training and dist.is_available() and dist.is_initialized()):
-            return super().forward(x)
-        sum_ = lambda t: torch.distributed.nn.functional.all_reduce(t.sum((0, 2, 3)))  # over all ranks
-        n = x.numel() // x.shape[1] * dist.get_world_size()
-        xf = x.float()
-        mean = sum_(xf) / n
-        var = sum_((xf - mean[:, None, None]) ** 2) / n  # two passes: as exact as one process's BatchNorm
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * n / (n - 1), self.momentum)  # unbiased, as BatchNorm2d
-        scale = self.weight * (var + self.eps).rsqrt()
-        return (xf * scale[:, None, None] + (self.bias - mean * scale)[:, None, None]).to(x.dtype)
+# ======================================================================== the method: Deep Fusion
 
 
 class Block(nn.Module):
     """Post-LN Transformer encoder block over the batch: x = LN(x + MHA(x)); x = LN(x + FFN(x)).
-    x is (N, D): the N samples ARE the sequence, so attention mixes samples. No positional encoding,
-    hence permutation-equivariant over the batch. Dropout 0 (ours: the paper does not use it)."""
+    x is (N, D): the N samples ARE the sequence, so attention mixes samples. No positional
+    encoding, hence permutation-equivariant over the batch. Dropout 0 (ours: the paper has none)."""
 
     def __init__(self, d, heads):
         super().__init__()
@@ -318,40 +148,36 @@ class Block(nn.Module):
 
     def forward(self, x, need_weights=False):
         N, D = x.shape
-        q, k, v = self.qkv(x).view(N, 3, self.heads, D // self.heads).permute(1, 2, 0, 3)  # (h, N, D/h) each
-        if need_weights:  # explicit softmax(q k^T / sqrt(d)) to return the attention matrix
-            attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(D // self.heads), dim=-1)  # (h, N, N)
-            y = attn @ v
+        q, k, v = self.qkv(x).view(N, 3, self.heads, -1).permute(1, 2, 0, 3)  # (h, N, d) each
+        if need_weights:  # explicit softmax(q k^T / sqrt(d)), to return the attention matrix
+            attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(D // self.heads), dim=-1)
+            y = attn @ v  # (h, N, d)
         else:  # fused kernel; the weights are never materialised
             attn, y = None, F.scaled_dot_product_attention(q[None], k[None], v[None])[0]
         x = self.ln1(x + self.out(y.transpose(0, 1).reshape(N, D)))
-        x = self.ln2(x + self.ffn(x))
-        return x, attn
+        return self.ln2(x + self.ffn(x)), attn
 
 
 def mlp(d, out):
     """SimCLR projection MLP: Linear - BN - ReLU - Linear."""
-    return nn.Sequential(nn.Linear(d, d), nn.BatchNorm1d(d), nn.ReLU(inplace=True), nn.Linear(d, out))
+    return nn.Sequential(nn.Linear(d, d), nn.BatchNorm1d(d), nn.ReLU(True), nn.Linear(d, out))
 
 
 class Head(nn.Module):
     """transformer: L Transformer blocks over the batch, then the MLP (Deep Fusion).
-    ffn: L blocks of Linear-BN-ReLU, then the MLP (the paper's depth-matched baseline). mlp: the MLP."""
+    ffn: L blocks of Linear-BN-ReLU, then the MLP (the paper's depth-matched baseline).
+    mlp: the MLP alone (SimCLR)."""
 
     def __init__(self, kind, d, layers, heads, out):
         super().__init__()
         self.kind = kind
-        if kind == "transformer":
-            self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
-        elif kind == "ffn":
-            self.blocks = nn.ModuleList(
-                nn.Sequential(nn.Linear(d, d), nn.BatchNorm1d(d), nn.ReLU(inplace=True)) for _ in range(layers))
-        else:
-            self.blocks = nn.ModuleList()
+        ffn = lambda: nn.Sequential(nn.Linear(d, d), nn.BatchNorm1d(d), nn.ReLU(inplace=True))
+        block = {"transformer": lambda: Block(d, heads), "ffn": ffn}.get(kind)
+        self.blocks = nn.ModuleList(block() for _ in range(layers)) if block else nn.ModuleList()
         self.mlp = mlp(d, out)
 
     def forward(self, h, need_weights=False):
-        """h (N, D) -> z (N, out); with need_weights also the attention (L, N, N), mean over heads."""
+        """h (N, D) -> z (N, out); need_weights: also the attention (L, N, N), mean over heads."""
         maps = []
         for block in self.blocks:
             if self.kind == "transformer":
@@ -370,82 +196,232 @@ class DeepFusion(nn.Module):
         self.head = Head(args.head, d, args.head_layers, args.head_heads, args.proj_dim)
 
     def forward(self, views):  # (2b, 3, S, S) this rank's views -> (2B, proj_dim) the global batch
-        h = self.backbone(views.contiguous(memory_format=torch.channels_last))  # this rank's (2b, D)
+        h = self.backbone(views.contiguous(memory_format=torch.channels_last))  # (2b, D)
         return self.head(gather(h, 2))  # the head attends over the global batch
 
 
 def nt_xent(z, tau):
-    """NT-Xent over 2B outputs where rows i and i+B are the two views of one image:
-    l_i = -log( exp(s(z_i, z_p(i))/tau) / sum_{k != i} exp(s(z_i, z_k)/tau) ),  s = cosine,  mean over i."""
+    """NT-Xent over 2B outputs where rows i and i+B are the two views of one image, s = cosine:
+    l_i = -log( exp(s(z_i, z_p(i)) / tau) / sum_{k != i} exp(s(z_i, z_k) / tau) ), mean over i."""
     z = F.normalize(z.float(), dim=1)  # loss in fp32 under autocast
-    n = len(z) // 2
     s = z @ z.T / tau  # (2B, 2B)
     s = s.masked_fill(torch.eye(len(z), dtype=torch.bool, device=z.device), float("-inf"))  # k != i
-    partner = (torch.arange(len(z), device=z.device) + n) % len(z)
+    partner = (torch.arange(len(z), device=z.device) + len(z) // 2) % len(z)
     return F.cross_entropy(s, partner)
 
 
-# ----------------------------------------------------------------------------- evaluation
+def views_of(x, u, args, size):
+    """The two SimCLR views of B images, view-major: row v * B + i is view v of image i,
+    (2B, 3, size, size) in [0, 1]. u (2, B, NU): every view's uniforms."""
+    small = size <= 64
+    scale = (args.min_scale if args.min_scale is not None else (0.2 if small else 0.08), 1.0)
+    s = args.jitter_strength
+    blur_p = args.blur_p if args.blur_p is not None else 0.5 * (not small)
+    kw = dict(scale=scale, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_p=args.jitter_p,
+              gray_p=args.gray_p, blur_p=blur_p)
+    return augment(x.repeat(2, 1, 1, 1), u.reshape(-1, NU), size, **kw)  # both views in one call
 
 
-def autocast(device, amp_dtype):
-    """Mixed precision in amp_dtype (bf16 or fp16); None: fp32, autocast off."""
-    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+# ======================================================================== shared plumbing: BEGIN
+# Identical in deepfusion.py, transfusion.py and bam.py (tests/test_shared.py checks it). Nothing
+# here is the method: batched augmentation, the ResNet, torchrun, argument checks, run directory,
+# checkpoints. A reader learning the method may skip to `if __name__ == "__main__":` at the end.
+#
+# Augmentation. torchvision's SimCLR pipeline is RandomResizedCrop -> HorizontalFlip ->
+# ColorJitter -> Grayscale -> GaussianBlur (-> Solarize). Every sample draws its own parameters,
+# but the work is a few batched tensor ops:
+# * crop, resize, flip and blur are linear along each image axis: per sample one (size x H) matrix
+#   per axis, and the view is Ry @ x @ Rx^T. Resizing uses a triangle filter widened when
+#   downscaling, i.e. antialiased like PIL's.
+# * brightness, saturation, hue (a rotation in YIQ space, the usual GPU approximation of the HSV
+#   hue shift) and grayscale are 3x3 colour matrices, contrast blends with the mean grey level: one
+#   per-sample affine map x -> M x + o (colour_matrices). torchvision draws a random order of the
+#   four jitter ops; in this linear model they commute, so no order is drawn (only torchvision's
+#   clamping after every op depends on it).
+# Differences from torchvision: boxes are not rounded to whole pixels; one clamp to [0, 1] at the
+# end; blur before the colour ops (commutes with them up to the clamping); hue is the YIQ rotation.
+# Randomness: a sample's row u of NU uniforms, drawn for the whole global batch at once, so a view
+# depends on its image and its row alone and a rank that augments its shard makes the views one
+# process would. Columns: crop (TRIES area tries, TRIES log-aspect tries, y, x), flip, blur, blur
+# sigma, colour (jitter on, brightness, contrast, saturation, hue, grayscale), solarize.
+
+GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
+RGB2YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+TRIES = 10  # RandomResizedCrop's attempts at a box that fits
+U_CROP, U_COLOUR = 2 * TRIES + 2, 6
+NU = U_CROP + 3 + U_COLOUR + 1
 
 
-@torch.no_grad()
-def extract(backbone, x, norm, amp_dtype, batch=512):
-    """Backbone features (N, D) of un-augmented uint8 images, in eval mode."""
-    was_training = backbone.training
-    backbone.eval()
-    feats = []
-    for i in range(0, len(x), batch):
-        with autocast(x.device, amp_dtype):
-            xb = norm(x[i:i + batch].float() / 255).contiguous(memory_format=torch.channels_last)
-            feats.append(backbone(xb).float())
-    backbone.train(was_training)
-    return torch.cat(feats)
+def colour_basis():
+    """(3, 3, 3): 1 g^T (every channel := grey level g^T x), I - 1 g^T (the chroma of x) and the
+    chroma rotated by 90 degrees in the (I, Q) plane: T^-1 [[0, 0, 0], [0, 0, -1], [0, 1, 0]] T."""
+    T = torch.tensor(RGB2YIQ, dtype=torch.float64)
+    grey = torch.ones(3, 1, dtype=torch.float64) * T[:1]
+    rot = torch.tensor([[0, 0, 0], [0, 0, -1], [0, 1, 0]], dtype=torch.float64)
+    return torch.stack([grey, torch.eye(3, dtype=torch.float64) - grey,
+                        torch.linalg.inv(T) @ rot @ T]).float()
 
 
-def linear_probe(train_f, train_y, test_f, test_y, num_classes, epochs, seed, batch=1024):
-    """Top-1 test accuracy of a linear classifier trained on frozen, standardised features
-    (Adam 1e-3, cosine; ours: a fast, robust choice for a probe on cached features)."""
-    mu, sd = train_f.mean(0), train_f.std(0).clamp_min(1e-6)
-    train_f, test_f = (train_f - mu) / sd, (test_f - mu) / sd
-    g = torch.Generator(train_f.device).manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):  # the probe must not consume the training RNG
-        torch.manual_seed(seed)
-        clf = nn.Linear(train_f.shape[1], num_classes).to(train_f.device)
-    opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
-    steps = epochs * math.ceil(len(train_f) / batch)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
-    for _ in range(epochs):
-        perm = torch.randperm(len(train_f), device=train_f.device, generator=g)
-        for i in range(0, len(perm), batch):
-            idx = perm[i:i + batch]
-            loss = F.cross_entropy(clf(train_f[idx]), train_y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    with torch.no_grad():
-        return common.accuracy(clf(test_f), test_y)
+COLOUR_BASIS = colour_basis()
 
 
-# ----------------------------------------------------------------------------- run plumbing
+def crop_boxes(u, scale, ratio):
+    """RandomResizedCrop boxes from u (B, 2T + 2), fractions of the side: (y0, x0, h, w), each (B,).
+    As torchvision: area ~ U(scale), log aspect ~ U(log ratio); the first of T tries that fits,
+    else the whole image."""
+    T = (u.shape[1] - 2) // 2
+    area = scale[0] + (scale[1] - scale[0]) * u[:, :T]
+    logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, T:2 * T]
+    w, h = (area * logr.exp()).sqrt(), (area / logr.exp()).sqrt()
+    fits = (w <= 1) & (h <= 1)
+    first = fits.float().argmax(1, keepdim=True)  # index of the first fitting try (0 if none fits)
+    w, h = [torch.where(fits.any(1), v.gather(1, first)[:, 0], 1.0) for v in (w, h)]
+    return u[:, -2] * (1 - h), u[:, -1] * (1 - w), h, w
+
+
+def resample_matrix(start, length, n_in, n_out, flip=None):
+    """Per-sample (n_out x n_in) matrices that resample [start, start + length) (fractions of the
+    side) onto n_out pixels with a triangle filter of width max(1, input px per output px); where
+    flip (B,) is true, in mirrored order."""
+    step = length * n_in / n_out  # input pixels per output pixel, (B,)
+    pos = torch.arange(n_out, device=start.device) + 0.5  # output pixel centres
+    if flip is not None:
+        pos = torch.where(flip[:, None], n_out - pos, pos)
+    centre = start[:, None] * n_in + pos * step[:, None] - 0.5
+    j = torch.arange(n_in, device=start.device)
+    w = (j - centre[:, :, None]).abs_().div_(step.clamp_min(1)[:, None, None])
+    w = w.neg_().add_(1).clamp_(min=0)  # (B, n_out, n_in)
+    return w.div_(w.sum(-1, keepdim=True))
+
+
+def blur_matrix(sigma, n):
+    """Per-sample (n x n) Gaussian blur matrices, kernel ~10% of the side, reflect padding."""
+    r = max(1, int(0.1 * n) // 2)
+    t = torch.arange(-r, r + 1, device=sigma.device)
+    k = torch.exp(-t[None] ** 2 / (2 * sigma[:, None] ** 2))
+    k = k / k.sum(1, keepdim=True)  # (B, 2r+1)
+    src = torch.arange(n, device=sigma.device)[:, None] + t[None]  # (n, 2r+1), reflect into [0, n)
+    src = torch.where(src < 0, -src, torch.where(src >= n, 2 * (n - 1) - src, src))
+    G = torch.zeros(len(sigma), n, n, device=sigma.device)
+    return G.scatter_add_(2, src.expand(len(sigma), n, 2 * r + 1), k[:, None, :].expand(-1, n, -1))
+
+
+def colour_matrices(x, u, jitter, jitter_p, gray_p):
+    """Per-sample affine colour map (M (B,3,3), o (B,3)) of colour jitter, then grayscale; u (B, 6).
+    With brightness b, contrast c, saturation s, hue angle h:
+        M = b c [1 g^T + s cos(h) (I - 1 g^T) + s sin(h) rot],   o = (1 - c) b (g^T mean colour) 1
+    (saturation scales the chroma, hue rotates it, contrast blends with the mean grey level);
+    grayscale keeps only the first term (1 g^T M = b c 1 g^T)."""
+    on = u[:, 0] < jitter_p
+    bri, con, sat = [torch.where(on, max(0, 1 - s) + (1 + s - max(0, 1 - s)) * u[:, 1 + j], 1.0)
+                     for j, s in enumerate(jitter[:3])]
+    hue = torch.where(on, (2 * u[:, 4] - 1) * jitter[3], 0.0) * 2 * math.pi
+    chroma = sat * (u[:, 5] >= gray_p)  # grayscale: no chroma left
+    coef = torch.stack([torch.ones_like(sat), chroma * hue.cos(), chroma * hue.sin()], 1)
+    M = ((coef * (bri * con)[:, None]) @ COLOUR_BASIS.to(x.device).view(3, 9)).view(-1, 3, 3)
+    mean_grey = x.mean((2, 3)) @ torch.tensor(GREY, device=x.device)  # of the view before colour
+    return M, ((1 - con) * bri * mean_grey)[:, None].expand(-1, 3)
+
+
+def augment(x, u, size, scale, ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter=(0.4, 0.4, 0.4, 0.1),
+            jitter_p=0.8, gray_p=0.2, blur_p=0.0, solarize_p=0.0):
+    """uint8 (B, 3, H, W) -> float (B, 3, size, size) in [0, 1]; sample i's crop box, flip, colour
+    jitter, grayscale, blur and solarisation all come from its uniforms u[i] (u: (B, NU))."""
+    B, _, H, W = x.shape
+    box, flip, blur, sigma, colour, solar = u.split((U_CROP, 1, 1, 1, U_COLOUR, 1), dim=1)
+    y0, x0, h, w = crop_boxes(box, scale, ratio)
+    Ry, Rx = resample_matrix(y0, h, H, size), resample_matrix(x0, w, W, size, flip[:, 0] < flip_p)
+    if blur_p > 0:  # one sigma ~ U(0.1, 2) per sample for both axes, as torchvision's GaussianBlur
+        Gb, blur = blur_matrix(0.1 + 1.9 * sigma[:, 0], size), blur[:, :, None] < blur_p
+        Ry, Rx = torch.where(blur, Gb @ Ry, Ry), torch.where(blur, Gb @ Rx, Rx)
+    # columns, then rows, in the layouts that need no copies (fastest of four measured on one CPU
+    # thread); 1 / 255 folded into Rx
+    v = torch.bmm(x.reshape(B, 3 * H, W).float(), Rx.transpose(1, 2).contiguous().div_(255))
+    v = torch.matmul(Ry[:, None], v.view(B, 3, H, size)).view(B, 3, size * size)
+    M, o = colour_matrices(v.view(B, 3, size, size), colour, jitter, jitter_p, gray_p)
+    v = torch.baddbmm(o[:, :, None], M, v).view(B, 3, size, size).clamp_(0, 1)  # M v + o
+    if solarize_p > 0:  # RandomSolarize(threshold 128 / 255 ~ 0.5)
+        v = torch.where((solar < solarize_p)[:, :, None, None] & (v >= 0.5), 1 - v, v)
+    return v
+
+
+def make_backbone(name, image_size):
+    """torchvision ResNet with fc = Identity; CIFAR stem for small images. -> (net, feature dim)."""
+    net = getattr(torchvision.models, name)()
+    if image_size <= 64:
+        net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+    dim, net.fc = net.fc.in_features, nn.Identity()
+    return net, dim
+
+
+# torch 2.14 deprecates torch.distributed.nn.functional for a private module; it is still the
+# public, autograd-aware form of the collectives (torch >= 2.4), so that warning is silenced
+warnings.filterwarnings("ignore", "torch.distributed.nn.functional", FutureWarning)
+
+
+def gather(h, views):
+    """Rows of every rank in the order one process with the whole batch has them, view-major over
+    the global batch: (views * b, D) on each of W ranks -> (views * W * b, D). Autograd-aware: each
+    rank computes the same loss over the global batch, so a rank's rows receive the sum of W equal
+    gradients, which DDP's averaging divides back: the step is the one-process step."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return h
+    parts = torch.distributed.nn.functional.all_gather(h)  # W x (views * b, D)
+    return torch.stack(parts).unflatten(1, (views, -1)).transpose(0, 1).flatten(0, 2)
+
+
+class GlobalBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d with the global batch's training statistics over all ranks (--sync-bn), through
+    autograd-aware all_reduce: nn.SyncBatchNorm's job, which refuses CPU tensors (untestable here).
+    Same state_dict as BatchNorm2d; in eval mode, or in one process, it is BatchNorm2d."""
+
+    def forward(self, x):
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return super().forward(x)
+        sum_ = lambda t: torch.distributed.nn.functional.all_reduce(t.sum((0, 2, 3)))  # all ranks
+        n, xf = x.numel() // x.shape[1] * dist.get_world_size(), x.float()
+        mean = sum_(xf) / n
+        var = sum_((xf - mean[:, None, None]) ** 2) / n  # two passes: as exact as one process's
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)  # unbiased, as BatchNorm2d
+        scale = self.weight * (var + self.eps).rsqrt()
+        return (xf * scale[:, None, None] + (self.bias - mean * scale)[:, None, None]).to(x.dtype)
 
 
 def fail(msg, status=2, every_rank=False):
-    """One line on stderr and exit: 2 for bad input, 1 for a failed run. Under torchrun every rank meets
-    the same error and rank 0 prints it; every_rank: an error of this rank alone, which it prints."""
+    """One line on stderr and exit: 2 for bad input, 1 for a failed run. Under torchrun every rank
+    meets the same error and rank 0 prints it; every_rank: an error of this rank alone."""
     if every_rank or int(os.environ.get("RANK", 0)) == 0:
         print("error: " + " ".join(str(msg).split()), file=sys.stderr)
     raise SystemExit(status)
 
 
+# Every generic numeric flag's accepted range, both ends included (the method's: METHOD_LIMITS).
+# Upper bounds keep a typo from exhausting memory or overflowing.
+LIMITS = {"image_size": (8, 1024), "num_samples": (1, 10**9), "batch_size": (2, 1 << 16),
+          "epochs": (1, 100_000), "seed": (0, 2**32 - 3), "eval_every": (0, 100_000),
+          "linear_epochs": (1, 100_000), "knn_k": (1, 100_000), "knn_t": (1e-4, 100.0),
+          "log_every": (1, 10**9), "stop_epoch": (1, 100_000)}
+CHECKPOINT_KEYS = {"method", "args", "model", "optimizer", "scaler", "epoch", "step", "history",
+                   "rng"}
+
+
+def check_args(args):
+    """Every numeric flag finite and inside its range; (min, max) pairs ordered. Else exit 2."""
+    for name, (lo, hi) in {**LIMITS, **METHOD_LIMITS}.items():
+        value, flag = getattr(args, name), "--" + name.replace("_", "-")
+        for v in value if isinstance(value, tuple) else (value,):
+            if v is not None and not (math.isfinite(v) and lo <= v <= hi):
+                fail(f"{flag} must be in [{lo}, {hi}], got {v}")
+        if isinstance(value, tuple) and value[0] > value[1]:
+            fail(f"{flag} must be (min, max) with min <= max, got {value[0]} {value[1]}")
+
+
 def parse_args():
-    """tyro CLI whose errors are one line. With --resume, the checkpoint's arguments are the defaults,
-    so only the flags given now change anything. Returns (args, checkpoint or None)."""
+    """tyro CLI whose errors are one line. With --resume the checkpoint's arguments are the
+    defaults, so only the flags given now change anything. -> (args, checkpoint or None)."""
     def cli(default=None):
         err = io.StringIO()
         try:
@@ -453,84 +429,52 @@ def parse_args():
                 return tyro.cli(Args, default=default)
         except SystemExit as e:
             if e.code:  # tyro draws a box; keep its first sentence on one line
-                text = re.sub(r"[\u2500-\u257f]", " ", err.getvalue())
-                fail(" ".join(text.split()).split(" For full helptext")[0])
+                text = " ".join(re.sub(r"[\u2500-\u257f]", " ", err.getvalue()).split())
+                fail(text.split(" For full helptext")[0])
             raise
 
-    args = cli()
-    if args.resume is None:
-        return args, None
-    try:
-        ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
-        assert isinstance(ckpt, dict) and "args" in ckpt and "model" in ckpt
-    except FileNotFoundError:
-        fail(f"checkpoint {args.resume!r} does not exist")
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        fail(f"cannot read checkpoint {args.resume!r} (truncated, or not written by this script): "
-             f"{type(e).__name__} {first}")
-    if ckpt.get("method") != "deepfusion":
-        fail(f"{args.resume!r} is a checkpoint of {ckpt.get('method')!r}, not deepfusion")
-    missing = sorted(CHECKPOINT_KEYS - set(ckpt))
-    unknown = sorted(set(ckpt["args"]) - {f.name for f in dataclasses.fields(Args)})
-    if missing or unknown:  # written by another version of this file
-        fail(f"checkpoint {args.resume!r} was written by another version of this script: "
-             + (f"it lacks {', '.join(missing)}" if missing else
-                f"unknown argument(s) {', '.join('--' + u.replace('_', '-') for u in unknown)}"))
-    # the checkpoint's arguments are the defaults; one-off flags (--stop-epoch) are not inherited
-    new = cli(Args(**{**ckpt["args"], "resume": args.resume, "stop_epoch": None}))
-    for name in ("dataset", "data_dir", "image_size", "num_samples", "batch_size"):
-        if getattr(new, name) != ckpt["args"][name] and int(os.environ.get("RANK", 0)) == 0:
-            print(f"note: resuming with --{name.replace('_', '-')} {getattr(new, name)}; the run "
-                  f"so far used {ckpt['args'][name]}", file=sys.stderr)
-    return new, ckpt
-
-
-# Every numeric flag's accepted range, both ends included, checked in one place (check_args) before
-# anything is written; every value must also be finite. The upper bounds keep a typo from exhausting
-# memory or overflowing (image side, widths, counts, seed). Generic flags here, the method's below.
-LIMITS = {"image_size": (8, 1024), "num_samples": (1, 10**9), "batch_size": (2, 1 << 16),
-          "epochs": (1, 100_000), "seed": (0, 2**32 - 3), "eval_every": (0, 100_000),
-          "linear_epochs": (1, 100_000), "knn_k": (1, 100_000), "knn_t": (1e-4, 100.0),
-          "log_every": (1, 10**9), "stop_epoch": (1, 100_000)}
-METHOD_LIMITS = {"head_layers": (0, 64), "head_heads": (1, 64), "proj_dim": (1, 1 << 16),
-                 "tau": (1e-4, 100.0), "lr": (1e-9, 100.0), "momentum": (0.0, 1.0),
-                 "weight_decay": (0.0, 1.0), "warmup_epochs": (0, 100_000), "min_scale": (1e-4, 1.0),
-                 "jitter_strength": (1e-6, 10.0), "jitter_p": (0.0, 1.0), "gray_p": (0.0, 1.0),
-                 "blur_p": (0.0, 1.0)}
-
-
-def check_args(args):
-    """Every numeric flag against LIMITS and METHOD_LIMITS (one line and exit 2 when outside)."""
-    for name, (lo, hi) in {**LIMITS, **METHOD_LIMITS}.items():
-        value = getattr(args, name)
-        for v in value if isinstance(value, tuple) else (value,):
-            if v is not None and not (math.isfinite(v) and lo <= v <= hi):
-                fail(f"--{name.replace('_', '-')} must be in [{lo}, {hi}], got {v}")
-    width = {"resnet18": 512, "resnet50": 2048}[args.backbone]
-    if args.head == "transformer" and width % args.head_heads:
-        fail(f"--head-heads must divide the backbone width {width}, got {args.head_heads}")
+    args, ckpt = cli(), None
+    if args.resume is not None:
+        try:
+            ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
+            assert isinstance(ckpt, dict) and "args" in ckpt and "model" in ckpt
+        except FileNotFoundError:
+            fail(f"checkpoint {args.resume!r} does not exist")
+        except Exception as e:
+            fail(f"cannot read checkpoint {args.resume!r} (truncated, or not written by this "
+                 f"script): {type(e).__name__} {(str(e).strip().splitlines() or [''])[0][:160]}")
+        if ckpt.get("method") != METHOD:
+            fail(f"{args.resume!r} is a checkpoint of {ckpt.get('method')!r}, not {METHOD}")
+        missing = sorted(CHECKPOINT_KEYS - set(ckpt))
+        unknown = [f"--{u.replace('_', '-')}" for u in sorted(
+            set(ckpt["args"]) - {f.name for f in dataclasses.fields(Args)})]
+        if missing or unknown:
+            fail(f"checkpoint {args.resume!r} was written by another version of this script: "
+                 + (f"it lacks {', '.join(missing)}" if missing else
+                    f"unknown argument(s) {', '.join(unknown)}"))
+        # one-off flags (--stop-epoch) are not inherited
+        args = cli(Args(**{**ckpt["args"], "resume": args.resume, "stop_epoch": None}))
+        for name in ("dataset", "data_dir", "image_size", "num_samples", "batch_size"):
+            if getattr(args, name) != ckpt["args"][name] and int(os.environ.get("RANK", 0)) == 0:
+                print(f"note: resuming with --{name.replace('_', '-')} {getattr(args, name)}; "
+                      f"the run so far used {ckpt['args'][name]}", file=sys.stderr)
+    check_args(args)
+    return args, ckpt
 
 
 def keep_freed_memory():
-    """CPU with glibc: keep freed memory for reuse instead of returning it to the OS. A step allocates
-    tensors of a few MB; by default glibc unmaps or trims them when they are freed, so the next step
-    page-faults them in again (measured: the batched augmentation ran at half speed on CPU)."""
-    try:
+    """CPU with glibc: keep freed memory for reuse instead of returning it to the OS. By default
+    glibc unmaps the few-MB tensors of a step when freed, and the next step page-faults them in
+    again (measured: the batched augmentation ran at half speed on CPU)."""
+    with contextlib.suppress(OSError):  # not glibc (macOS, Windows, musl): nothing to do
         libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, Windows, musl): nothing to do
-        return
-    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB (glibc's maximum) come from the heap
-    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap instead of trimming it
-
-
-CHECKPOINT_KEYS = {"method", "args", "model", "optimizer", "scaler", "epoch", "step", "history", "rng"}
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB come from the heap
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
 
 
 def save_atomic(path, write):
-    """write(file) into path + ".tmp", fsync, rename, fsync the directory: a crash or power loss never
-    leaves a truncated or empty file. A failed write (disk full, permission lost) ends the run with
-    one line, the previous file intact and the temp file removed."""
+    """write(file) into path + ".tmp", fsync, rename, fsync the directory: a crash never leaves a
+    truncated file. A failed write (disk full) ends the run in one line, the old file intact."""
     try:
         with open(path + ".tmp", "wb") as f:
             write(f)
@@ -538,243 +482,305 @@ def save_atomic(path, write):
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        os.fsync(fd)
+        os.close(fd)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
         fail(f"could not write {path}: {e}; its previous version (if any) is intact", status=1)
 
 
-def non_finite(model):
-    """Names of the parameters and buffers holding NaN or inf."""
-    return [k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
+class Run:
+    """Everything around the training step: torchrun, device, AMP, data, run directory, progress
+    lines, metrics.jsonl, checkpoints and resume, the non-finite watch, Ctrl-C, evaluation. Only
+    rank 0 writes, logs and evaluates."""
+
+    def __init__(self, args, ckpt):
+        self.args, self.ckpt, B = args, ckpt, args.batch_size
+        # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK. --batch-size is the global batch: each rank
+        # draws the global batch and its randomness, then augments and encodes its shard of b images
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if B % self.world:
+            fail(f"--batch-size {B} (the global batch) must be divisible by the {self.world} "
+                 "processes")
+        b = B // self.world
+        self.shard = slice(self.rank * b, (self.rank + 1) * b)  # this rank's images of a batch
+        cuda = torch.cuda.is_available()
+        dev = torch.device(("cuda" if cuda else "cpu") if args.device == "auto" else args.device)
+        if dev.type == "cuda" and not cuda:
+            fail("--device cuda but no CUDA device is available")
+        if dev.type == "cpu":
+            keep_freed_memory()
+        if self.world > 1:  # NCCL on GPUs, gloo on CPU; 1 h: the others wait while rank 0 evaluates
+            if dev.type == "cuda":
+                dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+                torch.cuda.set_device(dev)
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
+        self.device = dev
+        self.amp = {"auto": "off" if dev.type == "cpu" else
+                    "bf16" if torch.cuda.is_bf16_supported() else "fp16"}.get(args.amp, args.amp)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[self.amp]
+        torch.manual_seed(args.seed)  # the same on every rank: initial weights, order, views
+        self.g = torch.Generator(dev).manual_seed(args.seed)  # data order and augmentation
+        try:  # rank 0 loads (downloads) first, then the others
+            data = common.load_on_ranks(self.rank, self.world, args.dataset, args.data_dir,
+                                        args.download, args.image_size, args.num_samples,
+                                        seed=args.seed, cache=args.cache)
+        except common.UsageError as e:  # own: this rank alone failed (e.g. --data-dir not shared)
+            fail(e, every_rank=getattr(e, "own", False))
+        self.N, self.size, self.data = len(data.pretrain_x), data.pretrain_x.shape[-1], data
+        if B > self.N:
+            fail(f"--batch-size {B} is larger than the training set ({self.N} images)")
+        self.steps_per_epoch = self.N // B  # the last partial batch is dropped
+        self.x, self.data_on = common.place(data.pretrain_x, dev, args.data_on)  # uint8 images
+        self.train_x, self.train_y = self.x[: len(data.train_y)], data.train_y.to(dev)
+        self.test_x = common.place(data.test_x, dev, self.data_on)[0]
+        self.test_y = data.test_y.to(dev)
+        mean, std = [torch.tensor(v, device=dev).view(1, 3, 1, 1) for v in (data.mean, data.std)]
+        self.norm = lambda v: (v - mean) / std
+
+    def autocast(self):  # bf16 or fp16 (--amp), or fp32 with autocast off
+        return torch.autocast(self.device.type, self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None)
+
+    def images(self, idx, x=None):  # uint8 images x[idx] (default: the training set) on the device
+        return common.batch(self.x if x is None else x, idx, self.device)
+
+    def rand(self, *shape, seed=1):  # uniforms (*shape, NU) for figures: not the training RNG
+        g = torch.Generator(self.device).manual_seed(self.args.seed + seed)
+        return torch.rand(*shape, NU, device=self.device, generator=g)
+
+    def figure(self, name):
+        return os.path.join(self.dir, "figures", name)
+
+    def start(self, model, opt, scaler, backbone, analyse):
+        """Resume (weights, optimizer, scaler, counters, RNG) or make a run directory. backbone: the
+        module evaluated and saved; analyse(epoch, test features) -> the method's own metrics.
+        Returns the module to train: under torchrun in DDP, with --compile compiled."""
+        a, ckpt = self.args, self.ckpt
+        self.model, self.opt, self.scaler, self.backbone, self.analyse = (
+            model, opt, scaler, backbone, analyse)
+        if a.sync_bn:  # the backbone's BatchNorm over the global batch (heads see it already)
+            for m in model.modules():
+                if type(m) is nn.BatchNorm2d:
+                    m.__class__ = GlobalBatchNorm  # same parameters and buffers
+        self.epoch, self.step, self.history = 0, 0, {"train_seconds": 0.0, "train_images": 0}
+        if ckpt is not None:
+            try:
+                model.load_state_dict(ckpt["model"])
+                opt.load_state_dict(ckpt["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                fail(f"checkpoint {a.resume!r} does not match this model: {str(e).splitlines()[0]}")
+            scaler.load_state_dict(ckpt["scaler"])
+            self.epoch, self.step, self.history = ckpt["epoch"], ckpt["step"], ckpt["history"]
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            self.g.set_state(ckpt["rng"]["data"].to(self.g.get_state().device))
+            if self.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+            self.dir = os.path.dirname(os.path.abspath(a.resume))
+        else:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            self.dir = os.path.join(a.output_dir, f"{METHOD}__{a.dataset}__{a.seed}__{stamp}")
+            while os.path.exists(self.dir):
+                self.dir += "_"
+        self.last_good, self.fresh = self.epoch, ckpt is None and self.rank == 0
+        if self.rank == 0:
+            self.make_run_dir()
+        signal.signal(signal.SIGINT, lambda *_: fail(  # Ctrl-C: one line, how to resume, exit 130
+            f"interrupted; {self.kept()}" + (f"; resume with --resume {self.dir}/checkpoint.pt"
+                                              if self.last_good else ""), status=130))
+        # DDP averages gradients over ranks (and starts every rank from rank 0's weights)
+        net = torch.nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
+        return torch.compile(net) if a.compile else net
+
+    def make_run_dir(self):  # args.json (with every earlier part of a resumed run), metrics.jsonl
+        try:
+            os.makedirs(os.path.join(self.dir, "figures"), exist_ok=True)
+            for name in ("checkpoint.pt", "backbone.pt", "summary.json"):  # left by a killed run
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.dir, name + ".tmp"))
+            path, earlier = os.path.join(self.dir, "args.json"), []
+            if self.ckpt is not None:
+                with contextlib.suppress(OSError, ValueError), open(path) as f:
+                    old = json.load(f)
+                    earlier = old.pop("earlier", []) + [{**old, "until_epoch": self.epoch}]
+            with open(path, "w") as f:
+                json.dump({**dataclasses.asdict(self.args), "earlier": earlier}, f, indent=2)
+            self.metrics = open(os.path.join(self.dir, "metrics.jsonl"), "a")
+        except OSError as e:
+            fail(f"cannot write the run directory {self.dir!r}: {e.strerror or e}")
+        a, W = self.args, self.world
+        shards = f" = {W} processes x {a.batch_size // W}" if W > 1 else ""
+        print(f"{METHOD} | {a.dataset} {self.N} images {self.size}px on {self.data_on} | "
+              f"{self.device} amp={self.amp} | batch {a.batch_size}{shards} | "
+              f"{self.steps_per_epoch} steps/epoch | run dir {self.dir}")
+
+    def log(self, **kv):
+        self.metrics.write(json.dumps(kv) + "\n")
+        self.metrics.flush()
+
+    def kept(self):
+        return (f"the last good checkpoint is {self.dir}/checkpoint.pt (epoch {self.last_good})"
+                if self.last_good else "no checkpoint was written")
+
+    def batches(self, views):
+        """One epoch of global batches, the same on every rank: (indices (B,), their views' uniforms
+        (views, B, NU)). Resets the epoch's sums and the non-finite watch."""
+        B, dev = self.args.batch_size, self.device
+        self.t0, self.i, self.sums = time.time(), 0, {}
+        self.bad_run = torch.zeros((), dtype=torch.long, device=dev)  # non-finite losses in a row
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=dev)  # first fatal step or -1
+        perm = torch.randperm(self.N, device=dev, generator=self.g)
+        for i in range(self.steps_per_epoch):
+            yield perm[i * B:(i + 1) * B], torch.rand(views, B, NU, device=dev, generator=self.g)
+
+    def step_done(self, loss, **stats):
+        """After each step: epoch sums and the non-finite watch, on the device; every --log-every
+        steps a progress line (the loop's only host syncs). fp16: the GradScaler skips steps with a
+        non-finite loss, so the run stops after 10 in a row."""
+        for k, v in {"loss": loss, **stats}.items():
+            self.sums[k] = self.sums.get(k, 0) + v.detach().float()
+        self.bad_run = torch.where(torch.isfinite(loss.detach()), 0, self.bad_run + 1)
+        fatal = (self.bad_step < 0) & (self.bad_run >= (10 if self.amp == "fp16" else 1))
+        self.bad_step = torch.where(fatal, self.step + 1, self.bad_step)
+        self.step, self.i, a = self.step + 1, self.i + 1, self.args
+        if self.step % a.log_every and self.i < self.steps_per_epoch:
+            return
+        if self.bad_step.item() >= 0:  # the same on every rank, so all of them stop here
+            fail(f"non-finite loss at step {self.bad_step.item()} (epoch {self.epoch + 1}); "
+                 f"stopping: {self.kept()}", status=1)
+        if self.rank == 0:
+            ips = self.i * a.batch_size / (time.time() - self.t0)
+            eta = (a.epochs * self.steps_per_epoch - self.step) * a.batch_size / ips / 60
+            means = "".join(f"{k} {(v / self.i).item():.4f} " for k, v in self.sums.items()
+                            if k != "loss")
+            lr = self.opt.param_groups[0]["lr"]
+            print(f"epoch {self.epoch + 1}/{a.epochs} step {self.step} loss {loss.item():.4f} "
+                  f"{means}lr {lr:.4g} {ips:.0f} img/s eta {eta:.1f} min")
+
+    def epoch_done(self):
+        """Non-finite weights check, the epoch's record, evaluation when due, checkpoint,
+        --stop-epoch."""
+        a, steps = self.args, self.steps_per_epoch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.time() - self.t0
+        self.history["train_seconds"] += seconds
+        self.history["train_images"] += steps * a.batch_size
+        self.epoch += 1
+        bad = [k for k, v in self.model.state_dict().items()
+               if v.is_floating_point() and not v.isfinite().all()]
+        if bad:  # a blown-up last update can leave NaN weights after a finite loss; DDP: all ranks
+            fail(f"non-finite weights after epoch {self.epoch} ({len(bad)} tensors, e.g. {bad[0]});"
+                 f" stopping: {self.kept()}", status=1)
+        if self.rank == 0:
+            self.log(event="epoch", epoch=self.epoch, step=self.step,
+                     **{k: (v / steps).item() for k, v in self.sums.items()},
+                     lr=self.opt.param_groups[0]["lr"], seconds=seconds,
+                     images_per_sec=steps * a.batch_size / seconds)
+            if a.eval_every and self.epoch % a.eval_every == 0 and self.epoch < a.epochs:
+                self.evaluate(self.epoch)
+            rng = {"torch": torch.get_rng_state(), "data": self.g.get_state().cpu(),
+                   "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}
+            state = {"method": METHOD, "args": dataclasses.asdict(a),
+                     "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                     "scaler": self.scaler.state_dict(),
+                     "epoch": self.epoch, "step": self.step, "history": self.history, "rng": rng}
+            save_atomic(os.path.join(self.dir, "checkpoint.pt"), lambda f: torch.save(state, f))
+            self.last_good = self.epoch
+        if a.stop_epoch is not None and a.stop_epoch <= self.epoch < a.epochs:
+            if self.rank == 0:
+                print(f"stopped after epoch {self.epoch} (--stop-epoch); resume with "
+                      f"--resume {self.dir}/checkpoint.pt")
+            raise SystemExit(0)
+
+    def evaluate(self, epoch):
+        """k-NN on backbone features and the method's own analysis; logged and printed."""
+        ex = lambda x: common.extract(self.backbone, x, self.norm, self.device, self.amp_dtype)
+        self.feats = ex(self.train_x), ex(self.test_x)  # kept for the final linear probe
+        knn = common.knn_accuracy(self.feats[0], self.train_y, self.feats[1], self.test_y,
+                                  len(self.data.classes), self.args.knn_k, self.args.knn_t)
+        out = {"event": "eval", "epoch": epoch, "step": self.step, "knn_acc": knn,
+               **self.analyse(epoch, self.feats[1])}
+        self.log(**out)
+        fmt = lambda v: (" ".join(f"{u:.3f}" for u in v) if isinstance(v, list) else
+                         f"{v:.4f}" if isinstance(v, float) else f"{v}")
+        print(" ".join(f"{k} {fmt(v)}" for k, v in out.items()))
+        if epoch == 0:
+            self.history["init"] = {k: out[k] for k in list(out)[3:]}  # all but event, epoch, step
+        return out
+
+    def finish(self):
+        """Rank 0: final k-NN and analysis, the linear probe, backbone.pt and summary.json."""
+        if self.rank > 0:
+            raise SystemExit(0)  # training is done; rank 0 evaluates alone
+        a, h, d, final = self.args, self.history, self.data, self.evaluate(self.args.epochs)
+        linear = common.linear_probe(self.feats[0], self.train_y, self.feats[1], self.test_y,
+                                     len(self.data.classes), a.linear_epochs, a.seed)
+        save_atomic(os.path.join(self.dir, "backbone.pt"),
+                    lambda f: torch.save(self.backbone.state_dict(), f))
+        summary = {"knn_acc": final["knn_acc"], "linear_acc": linear, "init": h.get("init"),
+                   "epochs": a.epochs, "normalization": {"mean": d.mean, "std": d.std},
+                   "images_per_sec": h["train_images"] / max(h["train_seconds"], 1e-9),
+                   **{k: final[k] for k in list(final)[4:]}}  # the method's analysis
+        self.log(event="final", **summary)
+        save_atomic(os.path.join(self.dir, "summary.json"),
+                    lambda f: f.write(json.dumps(summary, indent=2).encode()))
+        print(f"done: knn_acc {summary['knn_acc']:.4f} linear_acc {linear:.4f} (random init: "
+              f"knn_acc {h['init']['knn_acc']:.4f}) -> {self.dir}")
+# ========================================================================== shared plumbing: END
 
 
 if __name__ == "__main__":
     args, ckpt = parse_args()
-    check_args(args)
-    # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain `python` run is one process and needs no setup.
-    # --batch-size is the global batch: every rank draws the same global batch and its randomness, and
-    # augments and encodes its shard of b = B / W images; the head and loss see all B (see gather).
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size % world:
-        fail(f"--batch-size {args.batch_size} (the global batch) must be divisible by the {world} processes")
-    b = args.batch_size // world
-    shard = slice(rank * b, (rank + 1) * b)  # this rank's images of each global batch
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda but no CUDA device is available")
-    if device.type == "cpu":
-        keep_freed_memory()
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        # NCCL on GPUs, gloo on CPU; a long timeout because the other ranks wait while rank 0 evaluates
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
-        atexit.register(dist.destroy_process_group)
-    amp = {"auto": ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "off"}.get(
-        args.amp, args.amp)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-    torch.manual_seed(args.seed)  # the same on every rank: same initial weights, data order, augmentation
+    width = {"resnet18": 512, "resnet50": 2048}[args.backbone]
+    if args.head == "transformer" and width % args.head_heads:
+        fail(f"--head-heads must divide the backbone width {width}, got {args.head_heads}")
+    run = Run(args, ckpt)  # torchrun, device, AMP, seed, data (see the shared plumbing)
+    size, norm = run.size, run.norm
+    model = DeepFusion(args, size).to(run.device, memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                          weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp == "fp16")  # fp16 only
+    total, warmup = args.epochs * run.steps_per_epoch, args.warmup_epochs * run.steps_per_epoch
 
-    def load():
-        try:
-            return common.load_dataset(args.dataset, args.data_dir, args.download, args.image_size, args.num_samples), None
-        except common.UsageError as e:
-            return None, str(e)
-    data, error = load() if rank == 0 else (None, None)
-    if world > 1:  # rank 0 loads (and downloads) first; the others learn how that went, then read its files
-        shared = [error]
-        dist.broadcast_object_list(shared, src=0)
-        error = shared[0]
-        if rank > 0 and error is None:
-            data, own = load()
-            if own is not None:  # e.g. --data-dir not shared between nodes
-                fail(f"rank {rank}: {own}", every_rank=True)
-    if error is not None:
-        fail(error)  # the same for every rank; rank 0 prints it
-    N, size = len(data.pretrain_x), data.pretrain_x.shape[-1]
-    if args.batch_size > N:
-        fail(f"--batch-size {args.batch_size} is larger than the training set ({N} images)")
-    x_all = data.pretrain_x.to(device)
-    train_x, train_y = x_all[: len(data.train_y)], data.train_y.to(device)
-    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
-    mean = torch.tensor(data.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(data.std, device=device).view(1, 3, 1, 1)
-    norm = lambda v: (v - mean) / std
-    n_cls = len(data.classes)
-    probe = common.class_sorted(data.test_y, 256).to(device)  # labelled batch for the attention analysis
+    def get_lr(step):  # linear warm-up, then cosine decay to 0; linear scaling: lr x batch / 256
+        peak = args.lr * args.batch_size / 256
+        if step < warmup:
+            return peak * (step + 1) / warmup
+        return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
-    model = DeepFusion(args, size).to(device).to(memory_format=torch.channels_last)
-    if args.sync_bn:  # the head's BatchNorm sees the global batch already; the backbone's needs syncing
-        for m in model.modules():
-            if type(m) is nn.BatchNorm2d:
-                m.__class__ = GlobalBatchNorm  # same parameters and buffers, so checkpoints stay compatible
-    lr = args.lr * args.batch_size / 256  # linear scaling rule
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    g = torch.Generator(device).manual_seed(args.seed)  # data order and augmentation
-    steps_per_epoch = N // args.batch_size  # the last partial batch is dropped
-    total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
-    epoch, step, history = 0, 0, {"train_seconds": 0.0, "train_images": 0}
-    if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            fail(f"checkpoint {args.resume!r} does not match this model: {str(e).splitlines()[0]}")
-        scaler.load_state_dict(ckpt["scaler"])
-        epoch, step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        g.set_state(ckpt["rng"]["data"].to(g.get_state().device))
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        run_dir = os.path.dirname(os.path.abspath(args.resume))
-    else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = os.path.join(args.output_dir, f"deepfusion__{args.dataset}__{args.seed}__{stamp}")
-        while os.path.exists(run_dir):
-            run_dir += "_"
-    # DDP averages gradients over ranks (and starts every rank from rank 0's weights and buffers)
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    train_model = torch.compile(train_model) if args.compile else train_model
-    last_good = epoch  # the epoch of the newest checkpoint on disk (0: none)
-    if rank == 0:  # only rank 0 writes, logs, evaluates and checkpoints; `model` is the unwrapped module
-        try:
-            os.makedirs(os.path.join(run_dir, "figures"), exist_ok=True)
-            for name in ("checkpoint.pt", "backbone.pt", "summary.json"):  # left by a killed run
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(run_dir, name + ".tmp"))
-            earlier = []  # args.json keeps the settings of every earlier part of a resumed run
-            if ckpt is not None:
-                with contextlib.suppress(OSError, ValueError), open(os.path.join(run_dir, "args.json")) as f:
-                    old = json.load(f)
-                    earlier = old.pop("earlier", []) + [{**old, "until_epoch": epoch}]
-            with open(os.path.join(run_dir, "args.json"), "w") as f:
-                json.dump({**asdict(args), "earlier": earlier}, f, indent=2)
-            metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-        except OSError as e:
-            fail(f"cannot write the run directory {run_dir!r}: {e.strerror or e}")
-        log = lambda **kv: (metrics.write(json.dumps(kv) + "\n"), metrics.flush())
-        print(f"deepfusion | {args.dataset} {N} images {size}px | {device} amp={amp} | batch {args.batch_size}"
-              + (f" = {world} processes x {b}" if world > 1 else "") + f" | {steps_per_epoch} steps/epoch | run dir {run_dir}")
+    probe = common.class_sorted(run.test_y, 256)  # a labelled batch for the attention analysis
 
-    def kept():
-        return (f"the last good checkpoint is {run_dir}/checkpoint.pt (epoch {last_good})" if last_good
-                else "no checkpoint was written")
+    def analyse(epoch, test_f):  # the same-class attention mass of every head layer, and a figure
+        if args.head != "transformer" or args.head_layers == 0:
+            return {}
+        model.head.eval()
+        with torch.no_grad():  # the probe images' features are rows of test_f already
+            _, attn = model.head(test_f[probe], need_weights=True)  # (L, n, n)
+        model.head.train()
+        mass, chance = common.same_class_mass(attn, run.test_y[probe])
+        common.save_maps(run.figure(f"attention_epoch{epoch:04d}.png"), attn, run.test_y[probe])
+        return {"same_class_attention": mass.tolist(), "same_class_chance": chance}
 
-    def interrupted(*_):  # Ctrl-C: one line, where to resume from, exit status 130
-        fail(f"interrupted; {kept()}" + (f"; resume with --resume {run_dir}/checkpoint.pt"
-                                          if last_good else ""), status=130)
-    signal.signal(signal.SIGINT, interrupted)
-
-    def evaluate(epoch):
-        """k-NN on backbone features, and the same-class attention mass of every head layer.
-        Returns (metrics, train features, test features)."""
-        train_f, test_f = [extract(model.backbone, v, norm, amp_dtype) for v in (train_x, test_x)]
-        knn = common.knn_accuracy(train_f, train_y, test_f, test_y, n_cls, args.knn_k, args.knn_t)
-        out = {"event": "eval", "epoch": epoch, "step": step, "knn_acc": knn}
-        if args.head == "transformer" and args.head_layers > 0:
-            model.head.eval()
-            with torch.no_grad():  # the probe images' features are rows of test_f already
-                _, attn = model.head(test_f[probe], need_weights=True)
-            model.head.train()
-            mass, chance = common.same_class_mass(attn, test_y[probe])  # attn (L, n, n)
-            out.update(same_class_attention=mass.tolist(), same_class_chance=chance)
-            common.save_maps(os.path.join(run_dir, "figures", f"attention_epoch{epoch:04d}.png"), attn, test_y[probe])
-        log(**out)
-        print(" ".join(f"{k} " + (" ".join(f"{u:.3f}" for u in v) if isinstance(v, list) else
-                                  f"{v:.4f}" if isinstance(v, float) else f"{v}") for k, v in out.items()))
-        return out, train_f, test_f
-
-    if ckpt is None and rank == 0:  # the other ranks go ahead and wait at the first all_gather
-        vg = torch.Generator(device).manual_seed(args.seed + 1)  # a figure must not move the training RNG
-        orig = train_x[:: max(1, len(train_x) // 8)][:8]  # spread over the set (folders are class-sorted)
-        views = views_of(orig, torch.rand(2, len(orig), NU, device=device, generator=vg), args, size)
-        grid = torch.cat([orig.float() / 255, views])  # originals, view 1, view 2
-        up = max(1, 96 // size)  # enlarge small images so a person can see the augmentation
-        torchvision.utils.save_image(grid.repeat_interleave(up, 2).repeat_interleave(up, 3),
-                                     os.path.join(run_dir, "figures", "views.png"), nrow=8)
-        history["init"] = {k: v for k, v in evaluate(0)[0].items() if k not in ("event", "epoch", "step")}
-
-    model.train()
-    while epoch < args.epochs:
-        t0, loss_sum = time.time(), torch.zeros((), device=device)
-        bad_run = torch.zeros((), dtype=torch.long, device=device)  # consecutive non-finite losses
-        bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first fatal step, -1: none
-        patience = 10 if amp == "fp16" else 1  # fp16: the GradScaler skips steps before we give up
-        perm = torch.randperm(N, device=device, generator=g)
-        for i in range(steps_per_epoch):
-            idx = perm[i * args.batch_size:(i + 1) * args.batch_size]  # the global batch, as on every rank
-            u = torch.rand(2, args.batch_size, NU, device=device, generator=g)  # and its views' randomness
-            for group in opt.param_groups:  # warm-up then cosine, a function of the step (resumable)
-                group["lr"] = (lr * (step + 1) / warmup_steps if step < warmup_steps else
-                               lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) /
-                                                        max(1, total_steps - warmup_steps))))
-            views = norm(views_of(x_all[idx[shard]], u[:, shard], args, size))  # this rank's (2b, 3, S, S)
-            with autocast(device, amp_dtype):
-                z = train_model(views)  # (2B, proj_dim): every rank has the whole global batch's outputs
+    train_model = run.start(model, opt, scaler, model.backbone, analyse)  # resume or a new run dir
+    if run.fresh:  # what the augmentation does, and the random-init baseline
+        orig = run.images(torch.arange(0, run.N, max(1, run.N // 8))[:8])  # spread over the classes
+        views = views_of(orig, run.rand(2, len(orig)), args, size)  # view 1 of all, then view 2
+        common.save_views(run.figure("views.png"), [orig.float() / 255, views])
+        run.evaluate(0)
+    while run.epoch < args.epochs:
+        for idx, u in run.batches(2):  # the global batch and its views' uniforms (2, B, NU)
+            for group in opt.param_groups:
+                group["lr"] = get_lr(run.step)
+            views = norm(views_of(run.images(idx[run.shard]), u[:, run.shard], args, size))
+            with run.autocast():
+                z = train_model(views)  # (2B, proj_dim): every rank has the global batch's outputs
             loss = nt_xent(z, args.tau)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            loss = loss.detach()
-            loss_sum += loss
-            bad_run = torch.where(torch.isfinite(loss), 0, bad_run + 1)
-            bad_step = torch.where((bad_step < 0) & (bad_run >= patience), step + 1, bad_step)
-            step += 1
-            if step % args.log_every == 0 or i == steps_per_epoch - 1:  # the only host syncs of the loop
-                if bad_step.item() >= 0:  # the loss is the same on every rank, so all of them stop here
-                    fail(f"non-finite loss at step {bad_step.item()} (epoch {epoch + 1}); stopping: {kept()}",
-                         status=1)
-                if rank == 0:
-                    ips = (i + 1) * args.batch_size / (time.time() - t0)
-                    eta = ((total_steps - step) * args.batch_size) / ips
-                    print(f"epoch {epoch + 1}/{args.epochs} step {step} loss {loss.item():.4f} "
-                          f"lr {opt.param_groups[0]['lr']:.4g} {ips:.0f} img/s eta {eta / 60:.1f} min")
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.time() - t0
-        history["train_seconds"] += seconds
-        history["train_images"] += steps_per_epoch * args.batch_size
-        epoch += 1
-        bad = non_finite(model)  # a blown-up last update can leave NaN weights after a finite loss
-        if bad:  # the same on every rank (DDP keeps the weights equal), so all of them stop here
-            fail(f"non-finite weights after epoch {epoch} ({len(bad)} tensors, e.g. {bad[0]}); stopping: "
-                 f"{kept()}", status=1)
-        if rank == 0:
-            log(event="epoch", epoch=epoch, step=step, loss=(loss_sum / steps_per_epoch).item(), lr=opt.param_groups[0]["lr"],
-                seconds=seconds, images_per_sec=steps_per_epoch * args.batch_size / seconds)
-            if args.eval_every and epoch % args.eval_every == 0 and epoch < args.epochs:
-                evaluate(epoch)
-            state = {
-                "method": "deepfusion", "args": asdict(args), "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
-                "history": history, "rng": {"torch": torch.get_rng_state(), "data": g.get_state().cpu(),
-                                            "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}}
-            save_atomic(os.path.join(run_dir, "checkpoint.pt"), lambda f: torch.save(state, f))
-            last_good = epoch
-        if args.stop_epoch is not None and epoch >= args.stop_epoch and epoch < args.epochs:
-            if rank == 0:
-                print(f"stopped after epoch {epoch} (--stop-epoch); resume with --resume {run_dir}/checkpoint.pt")
-            raise SystemExit(0)
-
-    if rank > 0:
-        raise SystemExit(0)  # training is done; rank 0 evaluates alone
-    final, train_f, test_f = evaluate(args.epochs)  # the linear probe reuses the k-NN features
-    linear = linear_probe(train_f, train_y, test_f, test_y, n_cls, args.linear_epochs, args.seed)
-    save_atomic(os.path.join(run_dir, "backbone.pt"), lambda f: torch.save(model.backbone.state_dict(), f))
-    summary = {"knn_acc": final["knn_acc"], "linear_acc": linear, "init": history.get("init"),
-               "epochs": args.epochs, "images_per_sec": history["train_images"] / max(history["train_seconds"], 1e-9),
-               "normalization": {"mean": data.mean, "std": data.std},
-               **{k: v for k, v in final.items() if k not in ("event", "epoch", "step", "knn_acc")}}
-    log(event="final", **summary)
-    save_atomic(os.path.join(run_dir, "summary.json"), lambda f: f.write(json.dumps(summary, indent=2).encode()))
-    print(f"done: knn_acc {summary['knn_acc']:.4f} linear_acc {linear:.4f} "
-          f"(random init: knn_acc {history['init']['knn_acc']:.4f}) -> {run_dir}")
+            run.step_done(loss)  # non-finite watch; progress line every --log-every steps
+        run.epoch_done()  # non-finite weights check, evaluation when due, checkpoint
+    run.finish()  # final k-NN, linear probe, backbone.pt, summary.json
