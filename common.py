@@ -374,6 +374,38 @@ def resize(x, size, chunk=4096):
     return out
 
 
+def place(x, device, where="auto", reserve=0.25, reserve_bytes=2 << 30):
+    """(images to train from, "device" or "host"): x on `device`, or kept in host memory (pinned
+    for CUDA) for batch() to copy from. "auto": on the device when x fits in the free CUDA memory
+    less max(reserve of it, reserve_bytes) kept for the model; always on a non-CUDA device."""
+    if where not in ("auto", "device", "host"):
+        raise ValueError(f"where must be 'auto', 'device' or 'host', got {where!r}")
+    device = torch.device(device)
+    if where == "auto":
+        where = "device"
+        if device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
+            if x.nbytes > free - max(reserve * free, reserve_bytes):
+                where = "host"
+    if where == "device":
+        return x.to(device), where
+    x = x.cpu()
+    return (x.pin_memory() if device.type == "cuda" else x), where  # pinning needs CUDA
+
+
+def batch(x, idx, device):
+    """The images x[idx] on `device`, from x on the device (an index) or on the host (a copy)."""
+    device = torch.device(device)
+    if x.device.type != "cpu" or device.type != "cuda":
+        return x[idx.to(x.device)].to(device)
+    # A fresh pinned buffer per call: PyTorch's pinned-memory allocator does not hand it out again
+    # until the asynchronous copy from it has finished, so no batch overwrites one in flight.
+    idx = idx.cpu()
+    buf = torch.empty((len(idx), *x.shape[1:]), dtype=x.dtype, pin_memory=True)
+    torch.index_select(x, 0, idx, out=buf)
+    return buf.to(device, non_blocking=True)
+
+
 # ----------------------------------------------------------------------------- metrics
 
 
