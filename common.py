@@ -156,9 +156,8 @@ def _tiny_imagenet(data_dir, download, size, cache):
     train split, and the labelled val split as the test split; classes are the sorted wnids."""
     root = os.path.join(data_dir, "tiny-imagenet-200")
     annotations = os.path.join(root, "val", "val_annotations.txt")
-    complete = lambda: all(os.path.exists(p) for p in (
-        os.path.join(root, "wnids.txt"), os.path.join(root, "train"), annotations))
-    if not complete():
+    layout = (os.path.join(root, "wnids.txt"), os.path.join(root, "train"), annotations)
+    if not all(os.path.exists(p) for p in layout):
         with _download_errors("tinyimagenet", data_dir, download):
             if not download:
                 raise RuntimeError
@@ -280,7 +279,7 @@ _warned = set()
 
 
 def _warn(message):
-    """One line on stderr, once per message (not warnings.warn: the tests filter warnings out)."""
+    """One line on stderr, once per message (not warnings.warn: PYTHONWARNINGS=ignore hides it)."""
     if message not in _warned:
         _warned.add(message)
         print(f"warning: {message}", file=sys.stderr)
