@@ -139,15 +139,6 @@ class Args:
     """colour-distortion strength s: jitter (0.8s, 0.8s, 0.8s, 0.2s)"""
 
 
-# Every numeric flag of the method, its accepted range (both ends included); see check_args.
-METHOD_LIMITS = {"num_local_crops": (0, 64), "local_size": (8, 1024),
-                 "global_scale": (1e-4, 1.0), "local_scale": (1e-4, 1.0),
-                 "proj_hidden": (1, 1 << 16), "proj_dim": (1, 1 << 16),
-                 "lam": (1e-4, 100.0), "tau": (1e-4, 100.0), "sinkhorn_iters": (1, 1000),
-                 "top_k": (0, 10**9), "teacher_momentum": (0.0, 1.0), "lr": (1e-9, 100.0),
-                 "weight_decay": (0.0, 10.0), "weight_decay_end": (0.0, 10.0),
-                 "warmup_epochs": (0, 100_000), "jitter_strength": (1e-6, 10.0)}
-
 # ================================================================================== the method: BAM
 
 
@@ -273,6 +264,16 @@ def crops_of(x, u, args, size):
     local = augment(x.repeat(args.num_local_crops, 1, 1, 1), u[2:].reshape(-1, NU),
                     args.local_size or size // 2, args.local_scale, blur_p=0.5 * blur, **kw)
     return glob, local  # local: one call for all local crops
+
+
+# Every numeric flag of the method, its accepted range (both ends included); see check_args.
+METHOD_LIMITS = {"num_local_crops": (0, 64), "local_size": (8, 1024),
+                 "global_scale": (1e-4, 1.0), "local_scale": (1e-4, 1.0),
+                 "proj_hidden": (1, 1 << 16), "proj_dim": (1, 1 << 16),
+                 "lam": (1e-4, 100.0), "tau": (1e-4, 100.0), "sinkhorn_iters": (1, 1000),
+                 "top_k": (0, 10**9), "teacher_momentum": (0.0, 1.0), "lr": (1e-9, 100.0),
+                 "weight_decay": (0.0, 10.0), "weight_decay_end": (0.0, 10.0),
+                 "warmup_epochs": (0, 100_000), "jitter_strength": (1e-6, 10.0)}
 
 
 # ======================================================================== shared plumbing: BEGIN
@@ -589,6 +590,7 @@ class Run:
         self.train_x, self.train_y = self.x[: len(data.train_y)], data.train_y.to(dev)
         self.test_x = common.place(data.test_x, dev, self.data_on)[0]
         self.test_y = data.test_y.to(dev)
+        data.pretrain_x = data.train_x = data.test_x = None  # placed above (pinning copies them)
         mean, std = [torch.tensor(v, device=dev).view(1, 3, 1, 1) for v in (data.mean, data.std)]
         self.norm = lambda v: (v - mean) / std
 

@@ -2,12 +2,25 @@
 
 Nothing method-specific lives here. Datasets come back as whole uint8 tensors (N, 3, H, W) with
 int64 labels, so a training script can keep them on the GPU and slice batches out of them.
+
+How large a dataset can be: place() keeps the uint8 tensor on the GPU while it fits in the free GPU
+memory (less a margin for the model), else in pinned host memory, from which batch() copies each
+batch over. The host path goes up to the host's RAM: the whole uint8 tensor must fit in memory
+(Tiny-ImageNet at 64 px: 1.2 GB; ImageNet-1k at 64 px: 15 GB). Beyond RAM this design does not go:
+there is no streaming from disk.
 """
 
+import contextlib
+import hashlib
 import os
+import shutil
 import stat
+import sys
+import tempfile
+import time
 import urllib.error
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +29,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor
 
-DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
+DATASETS = ("cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder", "synthetic")
+TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
+CACHE_VERSION = 1  # bump when the decoded pixels or the cache file's contents change
 
 
 class UsageError(Exception):
@@ -38,23 +54,31 @@ class Data:
 # ----------------------------------------------------------------------------- datasets
 
 
-def load_dataset(name, data_dir, download=True, image_size=None, num_samples=None, seed=0, cache=True):
+def load_dataset(name, data_dir, download=True, image_size=None, num_samples=None, *, seed=0,
+                 cache=True):
     """Load a dataset into memory. Raises UsageError with a one-line reason on bad input.
 
     name: one of DATASETS. image_size: resize to this side (None: the native size; folders 32).
-    num_samples: keep only the first N training images (pretraining and the labelled train split).
-    STL-10 pretrains on train + unlabeled (the usual choice); its k-NN/linear split is train/test.
+    num_samples: keep a class-balanced random subset of N training images (balanced_subset, drawn
+    with `seed`), in their original order, for pretraining and the labelled train split.
+    STL-10 pretrains on train + unlabeled (the usual choice; with num_samples, train only); its
+    k-NN/linear split is train/test. cache: keep the decoded images of image folders and
+    Tiny-ImageNet in DIR/.cache for a fast next start (False: neither read nor write it).
     """
     if name == "synthetic":
         train_x, train_y, test_x, test_y, classes = _synthetic(image_size or 32)
         extra_x = None
     elif name == "imagefolder":
         size = image_size or 32
-        train_x, train_y, classes = _image_folder(os.path.join(data_dir, "train"), size)
+        train_x, train_y, classes = _image_folder(data_dir, "train", size, cache)
         extra_x = None
-        test_x, test_y, test_classes = _image_folder(os.path.join(data_dir, "test"), size)
+        test_x, test_y, test_classes = _image_folder(data_dir, "test", size, cache)
         if test_classes != classes:
             raise UsageError(f"{data_dir}/train and {data_dir}/test have different class folders")
+    elif name == "tinyimagenet":
+        train_x, train_y, test_x, test_y, classes = _tiny_imagenet(data_dir, download,
+                                                                   image_size or 64, cache)
+        extra_x = None
     elif name in ("cifar10", "cifar100", "stl10"):
         train_x, train_y, test_x, test_y, extra_x, classes = _torchvision(name, data_dir, download)
     else:
@@ -63,7 +87,8 @@ def load_dataset(name, data_dir, download=True, image_size=None, num_samples=Non
     if num_samples is not None:
         if num_samples < 1:
             raise UsageError(f"--num-samples must be positive, got {num_samples}")
-        train_x, train_y, extra_x = train_x[:num_samples], train_y[:num_samples], None
+        keep = balanced_subset(train_y, num_samples, seed)
+        train_x, train_y, extra_x = train_x[keep], train_y[keep], None
     pretrain_x = train_x if extra_x is None else torch.cat([train_x, extra_x])
     if image_size is not None and pretrain_x.shape[-1] != image_size:
         pretrain_x, test_x = resize(pretrain_x, image_size), resize(test_x, image_size)
@@ -102,18 +127,35 @@ def load_on_ranks(rank, world, *args, **kwargs):
     return data
 
 
-def place(x, device, where="auto"):
-    """The uint8 images to train from: on the device, or ("host") in pinned host memory, copied per
-    batch. auto: the device. Returns (tensor, where)."""
-    if where not in ("auto", "device", "host"):
-        raise ValueError(f"where must be auto, device or host, got {where!r}")
-    where = "device" if where == "auto" else where
-    return (x.to(device), where) if where == "device" else (x, where)
+def balanced_subset(y, n, seed=0):
+    """Sorted indices of n of the labels y: each class gets floor(n * n_c / N) or one more, in
+    proportion to its size (largest remainder), drawn at random within the class. n >= N: all."""
+    if n >= len(y):
+        return torch.arange(len(y))
+    classes, counts = y.unique(return_counts=True)
+    quota = counts * n // len(y)
+    remainder = counts * n - quota * len(y)  # ties go to the lower class (a stable sort)
+    quota[remainder.argsort(descending=True, stable=True)[: n - int(quota.sum())]] += 1
+    g = torch.Generator().manual_seed(seed)
+    picks = [(y == c).nonzero().flatten()[torch.randperm(int(m), generator=g)[:q]]
+             for c, m, q in zip(classes, counts, quota.tolist())]
+    return torch.cat(picks).sort().values
 
 
-def batch(x, idx, device):
-    """x[idx] on device."""
-    return x[idx.to(x.device)].to(device, non_blocking=True)
+@contextlib.contextmanager
+def _download_errors(name, root, download):
+    """Turn the errors of torchvision's download and integrity checks into a one-line UsageError."""
+    try:
+        yield
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+        reason = getattr(e, "reason", e)
+        raise UsageError(f"could not download {name} into {root!r} ({reason}); "
+                         "check the network, or download it by hand and pass --data-dir") from None
+    except RuntimeError:  # torchvision: "Dataset not found or corrupted", or a wrong md5
+        hint = "" if download else "; --no-download is set, drop it to download"
+        raise UsageError(f"{name} not found or corrupted in {root!r}{hint}") from None
+    except OSError as e:
+        raise UsageError(f"cannot read or write {name} in {root!r}: {e}") from None
 
 
 def _torchvision(name, root, download):
@@ -123,17 +165,8 @@ def _torchvision(name, root, download):
 
     def split(which):
         kw = {"split": which} if name == "stl10" else {"train": which == "train"}
-        try:
+        with _download_errors(name, root, download):
             ds = cls(root, download=download, **kw)
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
-            reason = getattr(e, "reason", e)
-            raise UsageError(f"could not download {name} into {root!r} ({reason}); "
-                             "check the network, or download it by hand and pass --data-dir") from None
-        except RuntimeError:  # torchvision: "Dataset not found or corrupted"
-            hint = "" if download else "; --no-download is set, drop it to download"
-            raise UsageError(f"{name} not found or corrupted in {root!r}{hint}") from None
-        except OSError as e:
-            raise UsageError(f"cannot read or write {name} in {root!r}: {e}") from None
         if name == "stl10":  # (N, 3, 96, 96) already; unlabeled images carry label -1
             return torch.from_numpy(ds.data), torch.as_tensor(ds.labels, dtype=torch.int64), ds.classes
         x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) -> (N, 3, 32, 32)
@@ -143,6 +176,43 @@ def _torchvision(name, root, download):
     test_x, test_y, _ = split("test")
     extra_x = split("unlabeled")[0] if name == "stl10" else None
     return train_x, train_y, test_x, test_y, extra_x, classes
+
+
+def _tiny_imagenet(data_dir, download, size, cache):
+    """Tiny-ImageNet-200 (downloaded and md5-checked once into data_dir/tiny-imagenet-200): the
+    train split, and the labelled val split as the test split; classes are the sorted wnids."""
+    root = os.path.join(data_dir, "tiny-imagenet-200")
+    annotations = os.path.join(root, "val", "val_annotations.txt")
+    layout = (os.path.join(root, "wnids.txt"), os.path.join(root, "train"), annotations)
+    if not all(os.path.exists(p) for p in layout):
+        with _download_errors("tinyimagenet", data_dir, download):
+            if not download:
+                raise RuntimeError
+            # extracted beside, then renamed: a killed extraction never looks complete
+            partial = os.path.join(data_dir, ".tiny-imagenet-200.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            torchvision.datasets.utils.download_and_extract_archive(
+                TINY_IMAGENET_URL, data_dir, extract_root=partial, md5=TINY_IMAGENET_MD5)
+            os.replace(os.path.join(partial, "tiny-imagenet-200"), root)
+            shutil.rmtree(partial)
+    try:
+        with open(os.path.join(root, "wnids.txt")) as f:
+            wnids = sorted(f.read().split())
+        with open(annotations) as f:
+            val = [line.split("\t")[:2] for line in f if line.strip()]
+    except OSError as e:
+        raise UsageError(f"cannot read Tiny-ImageNet in {root!r}: {e}") from None
+    train_paths, train_y, classes = _image_files(os.path.join(root, "train"))
+    if classes != wnids:
+        raise UsageError(f"{root!r}: the class folders of train/ are not the wnids of wnids.txt")
+    label = {w: i for i, w in enumerate(wnids)}
+    if any(len(v) < 2 or v[1] not in label for v in val):
+        raise UsageError(f"{annotations!r}: a line without a known wnid in its second column")
+    test_paths = [os.path.join(root, "val", "images", v[0]) for v in val]
+    train_x = _decode_cached(train_paths, size, root, "train", cache)
+    test_x = _decode_cached(test_paths, size, root, "test", cache)
+    test_y = torch.as_tensor([label[v[1]] for v in val], dtype=torch.int64)
+    return train_x, torch.as_tensor(train_y, dtype=torch.int64), test_x, test_y, classes
 
 
 def _image_files(root):
@@ -197,22 +267,110 @@ def _read_image(path):
     return img.convert("RGB")
 
 
-def _image_folder(root, size):
-    """root/<class>/* -> uint8 (N, 3, size, size): shorter side resized to `size`, then centre-cropped."""
+def _image_folder(data_dir, split, size, cache):
+    """data_dir/split/<class>/* -> uint8 (N, 3, size, size), labels, classes."""
+    paths, labels, classes = _image_files(os.path.join(data_dir, split))
+    x = _decode_cached(paths, size, data_dir, split, cache)
+    return x, torch.as_tensor(labels, dtype=torch.int64), classes
+
+
+def _decode(paths, size, chunk=64):
+    """Image files -> uint8 (N, 3, size, size): shorter side resized to `size`, then centre-cropped.
+    Threads share the work: PIL releases the GIL while it decodes and resizes."""
     from PIL import Image, UnidentifiedImageError
 
-    paths, labels, classes = _image_files(root)
     resize_crop = torchvision.transforms.Compose([
         torchvision.transforms.Resize(size), torchvision.transforms.CenterCrop(size)])
     x = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
-    for i, path in enumerate(paths):
+
+    def work(start):
+        for i in range(start, min(start + chunk, len(paths))):
+            try:
+                img = resize_crop(_read_image(paths[i]))
+                x[i] = torch.from_numpy(np.array(img)).permute(2, 0, 1)
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+                raise UsageError(f"image {paths[i]!r} is too large to decode safely: {e}") from None
+            except (UnidentifiedImageError, OSError, ValueError) as e:
+                raise UsageError(f"cannot read image {paths[i]!r}: {e}") from None
+
+    pool = ThreadPoolExecutor(os.cpu_count() or 1)
+    try:
+        for _ in pool.map(work, range(0, len(paths), chunk)):  # re-raises a task's error here
+            pass
+    finally:
+        pool.shutdown(cancel_futures=True)  # on an error, decode no further chunks
+    return x
+
+
+_warned = set()
+
+
+def _warn(message):
+    """One line on stderr, once per message (not warnings.warn: PYTHONWARNINGS=ignore hides it)."""
+    if message not in _warned:
+        _warned.add(message)
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def _decode_cached(paths, size, home, split, cache):
+    """_decode(paths, size), kept in home/.cache/<split>-<size>-<key>.pt between runs.
+
+    The key hashes the format version, the size, the library versions that decode and resize, and
+    each file's name relative to home, byte size and mtime: an added, removed or touched file gives
+    another key, so the cache is rebuilt. A torch.save file rather than .npy: it holds the key and
+    the tensor together and is read with weights_only=True, so a planted file runs no code. The
+    key, dtype and shape are checked on every load; a file that fails any check is rebuilt.
+    """
+    if not cache:
+        return _decode(paths, size)
+    from PIL import __version__ as pil_version
+
+    h = hashlib.sha256(f"{CACHE_VERSION} {size} {torchvision.__version__} {pil_version}".encode())
+    for p in paths:
+        s = os.stat(p)
+        h.update(f"\0{os.path.relpath(p, home)}\0{s.st_size}\0{s.st_mtime_ns}".encode())
+    key = h.hexdigest()
+    folder = os.path.join(home, ".cache")
+    prefix = f"{split}-{size}-"
+    path = os.path.join(folder, f"{prefix}{key[:16]}.pt")
+    shape = (len(paths), 3, size, size)
+    if os.path.exists(path):
         try:
-            x[i] = torch.from_numpy(np.array(resize_crop(_read_image(path)))).permute(2, 0, 1)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise UsageError(f"image {path!r} is too large to decode safely: {e}") from None
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise UsageError(f"cannot read image {path!r}: {e}") from None
-    return x, torch.as_tensor(labels, dtype=torch.int64), classes
+            saved = torch.load(path, weights_only=True)
+            x = saved["x"]
+            if saved["version"] != CACHE_VERSION or saved["key"] != key:
+                raise ValueError("another version or key")
+            if x.dtype != torch.uint8 or tuple(x.shape) != shape:
+                raise ValueError(f"{x.dtype} {tuple(x.shape)}, expected uint8 {shape}")
+            return x
+        except Exception as e:  # whatever is wrong with the file, decoding again is the answer
+            _warn(f"cache {path!r} is unusable ({str(e).splitlines()[0][:200]}); rebuilding it")
+    x = _decode(paths, size)
+    tmp = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{prefix}", suffix=".tmp",
+                                         delete=False) as f:
+            tmp = f.name
+            torch.save({"version": CACHE_VERSION, "key": key, "x": x}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
+        tmp = None
+    except (OSError, RuntimeError) as e:  # read-only or full disk: run on without the cache
+        reason = getattr(e, "strerror", None) or e  # without the file name: one warning per folder
+        _warn(f"cannot write the image cache in {folder!r} ({reason}); continuing without it")
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        return x
+    for name in os.listdir(folder):  # older keys of this split and size; stale temp files of a
+        old = os.path.join(folder, name)  # killed run (never read; removed after an hour)
+        with contextlib.suppress(OSError):
+            if old != path and (name.startswith(prefix) or name.startswith(".")
+                                and os.path.getmtime(old) < time.time() - 3600):
+                os.remove(old)
+    return x
 
 
 def _synthetic(size, n_train=512, n_test=256, n_classes=10):
@@ -240,6 +398,38 @@ def resize(x, size, chunk=4096):
                           antialias=True, align_corners=False)
         out[i:i + chunk] = y.round().clamp(0, 255).to(torch.uint8)
     return out
+
+
+def place(x, device, where="auto", reserve=0.25, reserve_bytes=2 << 30):
+    """(images to train from, "device" or "host"): x on `device`, or kept in host memory (pinned
+    for CUDA) for batch() to copy from. "auto": on the device when x fits in the free CUDA memory
+    less max(reserve of it, reserve_bytes) kept for the model; always on a non-CUDA device."""
+    if where not in ("auto", "device", "host"):
+        raise ValueError(f"where must be 'auto', 'device' or 'host', got {where!r}")
+    device = torch.device(device)
+    if where == "auto":
+        where = "device"
+        if device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
+            if x.nbytes > free - max(reserve * free, reserve_bytes):
+                where = "host"
+    if where == "device":
+        return x.to(device), where
+    x = x.cpu()
+    return (x.pin_memory() if device.type == "cuda" else x), where  # pinning needs CUDA
+
+
+def batch(x, idx, device):
+    """The images x[idx] on `device`, from x on the device (an index) or on the host (a copy)."""
+    device = torch.device(device)
+    if x.device.type != "cpu" or device.type != "cuda":
+        return x[idx.to(x.device)].to(device)
+    # A fresh pinned buffer per call: PyTorch's pinned-memory allocator does not hand it out again
+    # until the asynchronous copy from it has finished, so no batch overwrites one in flight.
+    idx = idx.cpu()
+    buf = torch.empty((len(idx), *x.shape[1:]), dtype=x.dtype, pin_memory=True)
+    torch.index_select(x, 0, idx, out=buf)
+    return buf.to(device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -124,13 +124,6 @@ class Args:
     """probability of Gaussian blur (default: 0 at <= 64 px, 0.5 above)"""
 
 
-# Every numeric flag of the method, its accepted range (both ends included); see check_args.
-METHOD_LIMITS = {"head_layers": (0, 64), "head_heads": (1, 64), "proj_dim": (1, 1 << 16),
-                 "tau": (1e-4, 100.0), "lr": (1e-9, 100.0), "momentum": (0.0, 1.0),
-                 "weight_decay": (0.0, 1.0), "warmup_epochs": (0, 100_000),
-                 "min_scale": (1e-4, 1.0), "jitter_strength": (1e-6, 10.0),
-                 "jitter_p": (0.0, 1.0), "gray_p": (0.0, 1.0), "blur_p": (0.0, 1.0)}
-
 # ======================================================================== the method: Deep Fusion
 
 
@@ -220,6 +213,14 @@ def views_of(x, u, args, size):
     kw = dict(scale=scale, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_p=args.jitter_p,
               gray_p=args.gray_p, blur_p=blur_p)
     return augment(x.repeat(2, 1, 1, 1), u.reshape(-1, NU), size, **kw)  # both views in one call
+
+
+# Every numeric flag of the method, its accepted range (both ends included); see check_args.
+METHOD_LIMITS = {"head_layers": (0, 64), "head_heads": (1, 64), "proj_dim": (1, 1 << 16),
+                 "tau": (1e-4, 100.0), "lr": (1e-9, 100.0), "momentum": (0.0, 1.0),
+                 "weight_decay": (0.0, 1.0), "warmup_epochs": (0, 100_000),
+                 "min_scale": (1e-4, 1.0), "jitter_strength": (1e-6, 10.0),
+                 "jitter_p": (0.0, 1.0), "gray_p": (0.0, 1.0), "blur_p": (0.0, 1.0)}
 
 
 # ======================================================================== shared plumbing: BEGIN
@@ -536,6 +537,7 @@ class Run:
         self.train_x, self.train_y = self.x[: len(data.train_y)], data.train_y.to(dev)
         self.test_x = common.place(data.test_x, dev, self.data_on)[0]
         self.test_y = data.test_y.to(dev)
+        data.pretrain_x = data.train_x = data.test_x = None  # placed above (pinning copies them)
         mean, std = [torch.tensor(v, device=dev).view(1, 3, 1, 1) for v in (data.mean, data.std)]
         self.norm = lambda v: (v - mean) / std
 

@@ -3,21 +3,16 @@
 Huanran Li, Daniel Pimentel-Alarcon, "TransFusion: Contrastive Learning with Transformers",
 arXiv:2403.18681 (v1 2024, v3 2025).
 
-Two augmented views of B images go through a ResNet backbone and a stem (Linear, then BatchNorm over
-the batch); the 2B vectors are the tokens of one sequence (the batch is the sequence). Fusion blocks
-are single-head attention with the softmax replaced by a ReLU of cosine scores (zero diagonal, rows
-normalised), added residually, no FFN. The final block is truncated: its attention matrix A
-(2B x 2B), the adjacency between samples, IS the output. Training minimises the Jensen-Shannon
-divergence between the rows of A and the rows of the target affinity T (which samples belong
-together: the two views of an image, or with --supervised the samples of one class). Only the
-backbone is kept for downstream use and evaluation.
+Two augmented views of B images go through a ResNet and a stem (Linear, BatchNorm); the 2B
+vectors are the tokens of one sequence (the batch is the sequence). Fusion blocks are single-head
+attention with softmax replaced by a ReLU of cosine scores (zero diagonal, rows normalised), added
+residually, no FFN. The final block is truncated: its attention matrix A (2B x 2B), the adjacency
+between samples, IS the output, trained by the Jensen-Shannon divergence between the rows of A and
+of the target affinity T (the two views of an image belong together; --supervised: one class).
 
-Taken literally the paper's head does not learn (every row of A dies, see README). Four choices of
-ours keep its three points (ReLU attention, A as the output, JSD to T) and make it learn: the stem's
-BatchNorm centres the tokens (a random backbone's features all have cosine ~0.9, so every ReLU row
-is flat or empty), W_k = W_q (two views then start with a positive score), the score
-relu(C - row mean of C) (no row is ever empty) and 10 x JSD (its gradient is weak). The README has
-the table of every formulation we measured; each is one flag away.
+Taken literally the paper's head does not learn (every row of A dies); four choices of ours make
+it learn and keep its three points (stem BatchNorm, W_k = W_q, the score relu(C - row mean of C),
+10 x JSD). The README has the table of every formulation we measured; each is one flag away.
 
     python transfusion.py --batch-size 512 --dataset cifar10
     python transfusion.py --dataset synthetic --epochs 1        # offline smoke run
@@ -146,13 +141,6 @@ class Args:
     blur_p: Optional[float] = None
     """probability of Gaussian blur (default: 0 at <= 64 px, 0.5 above)"""
 
-
-# Every numeric flag of the method, its accepted range (both ends included); see check_args.
-METHOD_LIMITS = {"fusion_blocks": (0, 64), "width": (1, 1 << 16), "beta_init": (-1.0, 2.0),
-                 "loss_scale": (1e-6, 1e6), "head_lr": (1e-6, 1e6), "lr": (1e-9, 100.0),
-                 "momentum": (0.0, 1.0), "weight_decay": (0.0, 1.0), "warmup_epochs": (0, 100_000),
-                 "min_scale": (1e-4, 1.0), "jitter_strength": (1e-6, 10.0), "jitter_p": (0.0, 1.0),
-                 "gray_p": (0.0, 1.0), "blur_p": (0.0, 1.0)}
 
 # ========================================================================== the method: TransFusion
 
@@ -289,6 +277,14 @@ def views_of(x, u, args, size):
     kw = dict(scale=scale, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_p=args.jitter_p,
               gray_p=args.gray_p, blur_p=blur_p)
     return augment(x.repeat(2, 1, 1, 1), u.reshape(-1, NU), size, **kw)  # both views in one call
+
+
+# Every numeric flag of the method, its accepted range (both ends included); see check_args.
+METHOD_LIMITS = {"fusion_blocks": (0, 64), "width": (1, 1 << 16), "beta_init": (-1.0, 2.0),
+                 "loss_scale": (1e-6, 1e6), "head_lr": (1e-6, 1e6), "lr": (1e-9, 100.0),
+                 "momentum": (0.0, 1.0), "weight_decay": (0.0, 1.0), "warmup_epochs": (0, 100_000),
+                 "min_scale": (1e-4, 1.0), "jitter_strength": (1e-6, 10.0), "jitter_p": (0.0, 1.0),
+                 "gray_p": (0.0, 1.0), "blur_p": (0.0, 1.0)}
 
 
 # ======================================================================== shared plumbing: BEGIN
@@ -605,6 +601,7 @@ class Run:
         self.train_x, self.train_y = self.x[: len(data.train_y)], data.train_y.to(dev)
         self.test_x = common.place(data.test_x, dev, self.data_on)[0]
         self.test_y = data.test_y.to(dev)
+        data.pretrain_x = data.train_x = data.test_x = None  # placed above (pinning copies them)
         mean, std = [torch.tensor(v, device=dev).view(1, 3, 1, 1) for v in (data.mean, data.std)]
         self.norm = lambda v: (v - mean) / std
 

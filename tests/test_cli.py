@@ -165,3 +165,16 @@ def test_fp16_with_grad_scaler(script, tmp_path):
     ckpt = torch.load(os.path.join(run_dir_of(tmp_path), "checkpoint.pt"), weights_only=True)
     assert ckpt["scaler"]["scale"] > 0  # the scaler was enabled and saved for resuming
     assert json.load(open(os.path.join(run_dir_of(tmp_path), "summary.json")))["epochs"] == 1
+
+
+def test_host_memory_path_gives_the_same_run(tmp_path):
+    """--data-on host (images in host memory, each batch copied to the device) and --data-on device
+    make the same views and losses: the same run, step for step."""
+    losses = []
+    for where in ("host", "device"):
+        p = run_cli("deepfusion.py", *TINY, "--head-layers", "1", "--eval-every", "0", "--data-on", where,
+                    "--output-dir", tmp_path / where)
+        assert p.returncode == 0 and f"on {where}" in p.stdout, p.stderr[-3000:]
+        run = run_dir_of(tmp_path / where)
+        losses.append([json.loads(line).get("loss") for line in open(os.path.join(run, "metrics.jsonl"))])
+    assert losses[0] == losses[1] and None not in losses[0][1:3]

@@ -1,0 +1,329 @@
+"""common.py's data path: Tiny-ImageNet, the parallel decoder and its cache, num_samples subsets,
+and place()/batch() for data kept on the host."""
+
+import functools
+import hashlib
+import http.server
+import os
+import threading
+import time
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import common
+
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings(monkeypatch):
+    monkeypatch.setattr(common, "_warned", set())  # each test sees its own warnings
+
+
+def _folder(root, n=(3, 2), size=(12, 10)):
+    """root/{train,test}/<class>/*.png in solid colours: class c is COLOURS[c]."""
+    for split, count in zip(("train", "test"), n):
+        for c, colour in zip(("a", "b"), COLOURS):
+            os.makedirs(root / split / c, exist_ok=True)
+            for i in range(count):
+                Image.new("RGB", size, colour).save(root / split / c / f"{i}.png")
+
+
+def _cache_files(root):
+    return sorted(os.listdir(root / ".cache")) if (root / ".cache").exists() else []
+
+
+# ----------------------------------------------------------------------------- num_samples
+
+
+def test_balanced_subset_proportional_seeded_and_sorted():
+    y = torch.arange(10).repeat_interleave(1000)  # class-sorted, as an image folder is
+    idx = common.balanced_subset(y, 2048, seed=0)
+    counts = torch.bincount(y[idx], minlength=10)
+    assert len(idx) == 2048 and set(counts.tolist()) <= {204, 205} and counts.sum() == 2048
+    assert torch.equal(idx, idx.sort().values) and len(idx.unique()) == 2048
+    assert torch.equal(idx, common.balanced_subset(y, 2048, seed=0))
+    assert not torch.equal(idx, common.balanced_subset(y, 2048, seed=1))
+    y = torch.tensor([0] * 5 + [1] * 3 + [2] * 2)  # 7 of 10: 3.5, 2.1, 1.4 -> 4, 2, 1
+    assert torch.bincount(y[common.balanced_subset(y, 7)]).tolist() == [4, 2, 1]
+    y = torch.tensor([2] * 600 + [0] * 300 + [1] * 100)
+    assert torch.bincount(y[common.balanced_subset(y, 100)]).tolist() == [30, 10, 60]
+    assert torch.equal(common.balanced_subset(y, 5000), torch.arange(1000))  # N >= size: all
+
+
+def test_num_samples_keeps_every_class_of_a_sorted_folder(tmp_path):
+    _folder(tmp_path, n=(6, 1))
+    d = common.load_dataset("imagefolder", str(tmp_path), image_size=8, num_samples=4)
+    assert d.train_y.tolist() == [0, 0, 1, 1] and d.pretrain_x.shape == (4, 3, 8, 8)
+    a = common.load_dataset("synthetic", "unused", num_samples=50, seed=0)
+    b = common.load_dataset("synthetic", "unused", num_samples=50, seed=1)
+    assert set(a.train_y.tolist()) == set(range(10)) and not torch.equal(a.train_x, b.train_x)
+
+
+# ----------------------------------------------------------------------------- decoder and cache
+
+
+def _sequential(paths, size):
+    """The decoding loop common.py had before it was parallel: the reference for the pixels."""
+    resize_crop = torchvision.transforms.Compose([
+        torchvision.transforms.Resize(size), torchvision.transforms.CenterCrop(size)])
+    x = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
+    for i, path in enumerate(paths):
+        x[i] = torch.from_numpy(np.array(resize_crop(common._read_image(path)))).permute(2, 0, 1)
+    return x
+
+
+def test_parallel_decoder_gives_the_sequential_pixels(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (mode, ext) in enumerate([("RGB", "png"), ("L", "png"), ("RGBA", "png"), ("P", "png"),
+                                     ("RGB", "jpg"), ("I;16", "png")] * 4):
+        w, h = rng.integers(5, 40, 2)
+        top, channels = (65535, 1) if mode == "I;16" else (255, 3 if mode == "RGB" else 1)
+        pixels = rng.integers(0, top, (h, w, channels))
+        if mode == "I;16":
+            img = Image.fromarray(pixels[..., 0].astype(np.uint16))
+        else:
+            img = Image.fromarray(pixels.astype(np.uint8).squeeze()).convert(mode)
+        paths.append(str(tmp_path / f"{i}.{ext}"))
+        img.save(paths[-1])
+    for size in (8, 17):
+        assert torch.equal(common._decode(paths, size, chunk=5), _sequential(paths, size))
+
+
+def test_unreadable_image_is_one_line_naming_the_file(tmp_path):
+    _folder(tmp_path, n=(40, 1))
+    bad = tmp_path / "train" / "b" / "17.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(common.UsageError, match="cannot read image") as e:
+        common.load_dataset("imagefolder", str(tmp_path))
+    assert str(bad) in str(e.value) and "\n" not in str(e.value)
+    assert _cache_files(tmp_path) == []
+
+
+def test_cache_hit_is_identical_and_does_not_decode(tmp_path, monkeypatch):
+    _folder(tmp_path)
+    a = common.load_dataset("imagefolder", str(tmp_path), image_size=8)
+    assert [f.split("-")[:2] for f in _cache_files(tmp_path)] == [["test", "8"], ["train", "8"]]
+
+    def no_decode(*args, **kw):
+        raise AssertionError("decoded although the cache is valid")
+
+    monkeypatch.setattr(common, "_decode", no_decode)
+    b = common.load_dataset("imagefolder", str(tmp_path), image_size=8)
+    assert torch.equal(a.pretrain_x, b.pretrain_x) and torch.equal(a.test_x, b.test_x)
+    assert torch.equal(a.train_y, b.train_y) and a.classes == b.classes
+
+
+def test_changed_folder_rebuilds_the_cache(tmp_path):
+    _folder(tmp_path)
+    common.load_dataset("imagefolder", str(tmp_path), image_size=8)
+    before = _cache_files(tmp_path)
+    Image.new("RGB", (12, 10), (9, 9, 9)).save(tmp_path / "train" / "a" / "0.png")  # same size
+    t = time.time() + 5
+    os.utime(tmp_path / "train" / "a" / "0.png", (t, t))
+    d = common.load_dataset("imagefolder", str(tmp_path), image_size=8)
+    assert (d.train_x[0] == 9).all()  # the new pixels, not the cached ones
+    after = _cache_files(tmp_path)
+    assert after[0] == before[0] and after[1] != before[1] and len(after) == 2  # old key removed
+    Image.new("RGB", (12, 10), (0, 0, 0)).save(tmp_path / "train" / "b" / "new.png")
+    assert len(common.load_dataset("imagefolder", str(tmp_path), image_size=8).train_x) == 7
+    (tmp_path / "train" / "b" / "new.png").unlink()
+    assert len(common.load_dataset("imagefolder", str(tmp_path), image_size=8).train_x) == 6
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "shape", "dtype", "version", "key"])
+def test_corrupt_cache_is_rebuilt_with_a_warning(tmp_path, capsys, damage):
+    _folder(tmp_path)
+    good = common.load_dataset("imagefolder", str(tmp_path), image_size=8)
+    path = tmp_path / ".cache" / next(f for f in _cache_files(tmp_path) if f.startswith("train"))
+    saved = torch.load(path, weights_only=True)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+    elif damage == "garbage":
+        path.write_bytes(b"\x80\x02 not a cache")
+    else:
+        saved |= {"shape": {"x": saved["x"][:2]}, "dtype": {"x": saved["x"].float()},
+                  "version": {"version": -1}, "key": {"key": "0" * 64}}[damage]
+        torch.save(saved, path)
+    capsys.readouterr()
+    d = common.load_dataset("imagefolder", str(tmp_path), image_size=8)
+    assert torch.equal(d.train_x, good.train_x)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unusable" in err and "rebuilding" in err
+    assert torch.equal(torch.load(path, weights_only=True)["x"], good.train_x)  # rewritten
+
+
+def test_other_size_other_cache_file(tmp_path):
+    _folder(tmp_path)
+    a = common.load_dataset("imagefolder", str(tmp_path), image_size=8)
+    b = common.load_dataset("imagefolder", str(tmp_path), image_size=6)
+    assert a.train_x.shape[-1] == 8 and b.train_x.shape[-1] == 6
+    assert len(_cache_files(tmp_path)) == 4
+
+
+def test_no_cache_neither_reads_nor_writes(tmp_path, capsys):
+    _folder(tmp_path)
+    d = common.load_dataset("imagefolder", str(tmp_path), image_size=8, cache=False)
+    assert d.train_x.shape == (6, 3, 8, 8) and not (tmp_path / ".cache").exists()
+    common.load_dataset("imagefolder", str(tmp_path), image_size=8)
+    for f in _cache_files(tmp_path):
+        (tmp_path / ".cache" / f).write_bytes(b"garbage")
+    capsys.readouterr()
+    assert torch.equal(common.load_dataset("imagefolder", str(tmp_path), image_size=8,
+                                           cache=False).train_x, d.train_x)
+    assert capsys.readouterr().err == ""  # the damaged cache was never opened
+
+
+@pytest.mark.parametrize("how", ["cache is a file", "no permission"])
+def test_unwritable_cache_warns_once_and_runs(tmp_path, capsys, monkeypatch, how):
+    _folder(tmp_path)
+    if how == "cache is a file":
+        (tmp_path / ".cache").write_text("")
+    else:  # chmod does not stop root, which the tests may run as: refuse the write itself
+        def refuse(*args, **kw):
+            raise PermissionError(13, "Permission denied", str(tmp_path / ".cache" / ".x.tmp"))
+        monkeypatch.setattr(common.tempfile, "NamedTemporaryFile", refuse)
+    d = common.load_dataset("imagefolder", str(tmp_path), image_size=8)
+    assert d.train_x.shape == (6, 3, 8, 8) and d.test_x.shape == (4, 3, 8, 8)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write the image cache" in err
+    assert "Traceback" not in err
+    if how == "no permission":
+        assert os.listdir(tmp_path / ".cache") == []
+
+
+def test_stale_temp_files_are_removed(tmp_path):
+    (tmp_path / ".cache").mkdir()
+    stale, young = tmp_path / ".cache" / ".train-8-dead.tmp", tmp_path / ".cache" / ".test-8-x.tmp"
+    stale.write_bytes(b"half a cache from a killed run")
+    young.write_bytes(b"another run writing now")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    _folder(tmp_path)
+    assert common.load_dataset("imagefolder", str(tmp_path), image_size=8).train_x.shape[0] == 6
+    assert not stale.exists() and young.exists()
+
+
+# ----------------------------------------------------------------------------- Tiny-ImageNet
+
+WNIDS = ["n03", "n01", "n02"]  # listed unsorted; the classes are the sorted wnids
+
+
+def _fake_tiny_imagenet(tmp_path):
+    """tiny-imagenet-200.zip with the real layout: 3 wnids, 4 train images each, 6 val images.
+    Class n0k is COLOURS[k - 1]. Returns (zip path, its md5, the val wnids in file order)."""
+    top = tmp_path / "build" / "tiny-imagenet-200"
+    for w in WNIDS:
+        (top / "train" / w / "images").mkdir(parents=True)
+        (top / "train" / w / f"{w}_boxes.txt").write_text("")
+        for i in range(4):
+            Image.new("RGB", (64, 64), COLOURS[int(w[-1]) - 1]).save(
+                top / "train" / w / "images" / f"{w}_{i}.JPEG")
+    (top / "val" / "images").mkdir(parents=True)
+    (top / "test" / "images").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(top / "test" / "images" / "test_0.JPEG")  # unlabelled: ignored
+    val = ["n02", "n03", "n01", "n01", "n03", "n02"]
+    lines = []
+    for i, w in enumerate(val):
+        colour = COLOURS[int(w[-1]) - 1]
+        Image.new("RGB", (64, 64), colour).save(top / "val" / "images" / f"val_{i}.JPEG")
+        lines.append(f"val_{i}.JPEG\t{w}\t0\t0\t63\t63\n")
+    (top / "val" / "val_annotations.txt").write_text("".join(lines))
+    (top / "wnids.txt").write_text("\n".join(WNIDS) + "\n")
+    archive = tmp_path / "src" / "tiny-imagenet-200.zip"
+    archive.parent.mkdir()
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted(top.parent.rglob("*")):
+            z.write(path, path.relative_to(top.parent))
+    return archive, hashlib.md5(archive.read_bytes()).hexdigest(), val
+
+
+@pytest.fixture
+def serve():
+    """serve(folder) -> the http:// address of a local server of that folder (torchvision's
+    downloader cannot read file:// addresses; this is its real HTTP path, without the network)."""
+    servers = []
+
+    def start(folder):
+        class Quiet(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+        threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_tiny_imagenet_download_verify_extract_and_load(tmp_path, monkeypatch, serve):
+    archive, md5, val = _fake_tiny_imagenet(tmp_path)
+    monkeypatch.setattr(common, "TINY_IMAGENET_URL", f"{serve(archive.parent)}/{archive.name}")
+    monkeypatch.setattr(common, "TINY_IMAGENET_MD5", md5)
+    data = tmp_path / "data"
+    d = common.load_dataset("tinyimagenet", str(data))
+    assert d.classes == ["n01", "n02", "n03"]
+    assert d.train_x.shape == (12, 3, 64, 64) and d.train_y.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert d.test_x.shape == (6, 3, 64, 64) and d.test_y.tolist() == [int(w[-1]) - 1 for w in val]
+    colour = lambda x: x.float().mean((-1, -2)).round()  # JPEG: near the colour, not exact
+    for x, y in ((d.train_x, d.train_y), (d.test_x, d.test_y)):
+        assert all(abs(colour(xi) - torch.tensor(COLOURS[yi])).max() < 8 for xi, yi in zip(x, y))
+    assert sorted(os.listdir(data)) == ["tiny-imagenet-200", "tiny-imagenet-200.zip"]
+    # the second start: no download (the URL is gone), the decoded images come from the cache
+    monkeypatch.setattr(common, "TINY_IMAGENET_URL", "http://127.0.0.1:9/tiny-imagenet-200.zip")
+    monkeypatch.setattr(common, "_decode", None)
+    again = common.load_dataset("tinyimagenet", str(data), download=False)
+    assert torch.equal(again.train_x, d.train_x) and torch.equal(again.test_y, d.test_y)
+
+
+def test_tiny_imagenet_wrong_checksum_missing_and_offline(tmp_path, monkeypatch, serve):
+    archive, md5, _ = _fake_tiny_imagenet(tmp_path)
+    monkeypatch.setattr(common, "TINY_IMAGENET_URL", f"{serve(archive.parent)}/{archive.name}")
+    monkeypatch.setattr(common, "TINY_IMAGENET_MD5", "0" * 32)
+    with pytest.raises(common.UsageError, match="tinyimagenet not found or corrupted") as e:
+        common.load_dataset("tinyimagenet", str(tmp_path / "data"))
+    assert "\n" not in str(e.value) and not (tmp_path / "data" / "tiny-imagenet-200").exists()
+    with pytest.raises(common.UsageError, match="not found.*no-download"):
+        common.load_dataset("tinyimagenet", str(tmp_path / "empty"), download=False)
+    monkeypatch.setattr(common, "TINY_IMAGENET_URL", "http://127.0.0.1:9/tiny-imagenet-200.zip")
+    with pytest.raises(common.UsageError, match="could not download tinyimagenet") as e:
+        common.load_dataset("tinyimagenet", str(tmp_path / "offline"))
+    assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- place and batch
+
+
+def test_place_and_batch_on_cpu():
+    x = torch.randint(0, 256, (50, 3, 4, 4), dtype=torch.uint8)
+    idx = torch.tensor([7, 3, 3, 49, 0])
+    for where in ("device", "host", "auto"):
+        placed, used = common.place(x, "cpu", where)
+        assert used == ("device" if where == "auto" else where) and torch.equal(placed, x)
+        assert torch.equal(common.batch(placed, idx, "cpu"), x[idx])
+    with pytest.raises(ValueError, match="where"):
+        common.place(x, "cpu", "disk")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_place_and_batch_on_cuda():
+    x = torch.randint(0, 256, (300, 3, 8, 8), dtype=torch.uint8)
+    host, used = common.place(x, "cuda", "host")
+    assert used == "host" and host.is_pinned() and host.device.type == "cpu"
+    assert common.place(x, "cuda", "auto")[1] == "device"  # 57 kB fit
+    outs = [(idx, common.batch(host, idx, "cuda"))
+            for idx in (torch.randperm(300)[:64] for _ in range(20))]  # copies in flight together
+    torch.cuda.synchronize()
+    assert all(torch.equal(out.cpu(), x[idx]) for idx, out in outs)
+    on_device = common.place(x, "cuda", "device")[0]
+    assert torch.equal(common.batch(on_device, outs[0][0].cuda(), "cuda").cpu(), x[outs[0][0]])
