@@ -16,6 +16,7 @@ import torchvision
 from PIL import Image
 
 import common
+from benchmark_data import sequential_decode  # the old loop, the benchmark's baseline
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
 
@@ -68,16 +69,6 @@ def test_num_samples_keeps_every_class_of_a_sorted_folder(tmp_path):
 # ----------------------------------------------------------------------------- decoder and cache
 
 
-def _sequential(paths, size):
-    """The decoding loop common.py had before it was parallel: the reference for the pixels."""
-    resize_crop = torchvision.transforms.Compose([
-        torchvision.transforms.Resize(size), torchvision.transforms.CenterCrop(size)])
-    x = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
-    for i, path in enumerate(paths):
-        x[i] = torch.from_numpy(np.array(resize_crop(common._read_image(path)))).permute(2, 0, 1)
-    return x
-
-
 def test_parallel_decoder_gives_the_sequential_pixels(tmp_path):
     rng = np.random.default_rng(0)
     paths = []
@@ -93,7 +84,7 @@ def test_parallel_decoder_gives_the_sequential_pixels(tmp_path):
         paths.append(str(tmp_path / f"{i}.{ext}"))
         img.save(paths[-1])
     for size in (8, 17):
-        assert torch.equal(common._decode(paths, size, chunk=5), _sequential(paths, size))
+        assert torch.equal(common._decode(paths, size, chunk=5), sequential_decode(paths, size))
 
 
 def test_unreadable_image_is_one_line_naming_the_file(tmp_path):
