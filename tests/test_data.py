@@ -12,7 +12,6 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-import torchvision
 from PIL import Image
 
 import common
