@@ -1,19 +1,31 @@
-"""Dataset and metric helpers shared by deepfusion.py, transfusion.py and bam.py.
+"""Dataset, metric and run helpers of deepfusion.py, transfusion.py and bam.py.
 
-Nothing method-specific lives here. Datasets come back as whole uint8 tensors (N, 3, H, W) with
-int64 labels, so a training script can keep them on the GPU and slice batches out of them.
-
-How large a dataset can be: place() keeps the uint8 tensor on the GPU while it fits in the free GPU
-memory (less a margin for the model), else in pinned host memory, from which batch() copies each
-batch over. The host path goes up to the host's RAM: the whole uint8 tensor must fit in memory
-(Tiny-ImageNet at 64 px: 1.2 GB; ImageNet-1k at 64 px: 15 GB). Beyond RAM this design does not go:
-there is no streaming from disk.
+Each method file holds its method whole (flags, head, target, loss, augmentation, backbone, the
+training loop). This module holds what a training script needs around it, nothing of any method,
+in three sections, as DINO's utils.py serves main_dino.py:
+- data: datasets as whole uint8 tensors (N, 3, H, W) with int64 labels (torchvision's downloads,
+  image folders with a decoded cache, Tiny-ImageNet, a synthetic set), class-balanced subsets,
+  placement in device memory or in pinned host memory (up to the host's RAM: no streaming);
+- metrics: backbone features, weighted k-NN, the linear probe, same-class mass, figures;
+- run: generic flags, argument checks, CLI parsing with resume, torchrun/device/AMP set-up, the
+  run directory and its logs, atomic writes, checkpoints, the non-finite watch, Ctrl-C.
+The run helpers live here so that a method file is short enough to read in one sitting. They are
+functions and one small `Run` object that the method's loop calls; it decides when to evaluate,
+checkpoint and stop, and nothing here calls into a method file.
 """
 
 import contextlib
+import ctypes
+import dataclasses
+import datetime
 import hashlib
+import io
+import json
+import math
 import os
+import re
 import shutil
+import signal
 import stat
 import sys
 import tempfile
@@ -21,12 +33,15 @@ import time
 import urllib.error
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from typing import Literal, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+import tyro
 from torch import Tensor
 
 DATASETS = ("cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder", "synthetic")
@@ -36,10 +51,10 @@ CACHE_VERSION = 1  # bump when the decoded pixels or the cache file's contents c
 
 
 class UsageError(Exception):
-    """Bad input from the user. The scripts print it as one line on stderr and exit with status 2."""
+    """Bad input from the user: the scripts print it as one line on stderr, exit status 2."""
 
 
-@dataclass
+@dataclasses.dataclass
 class Data:
     pretrain_x: Tensor  # (N, 3, H, W) uint8: every image used for self-supervised pretraining
     train_x: Tensor  # (n, 3, H, W) uint8: the labelled train split (a view of pretrain_x's first n)
@@ -51,7 +66,7 @@ class Data:
     std: tuple
 
 
-# ----------------------------------------------------------------------------- datasets
+# ============================================================================================ data
 
 
 def load_dataset(name, data_dir, download=True, image_size=None, num_samples=None, *, seed=0,
@@ -168,9 +183,10 @@ def _torchvision(name, root, download):
         with _download_errors(name, root, download):
             ds = cls(root, download=download, **kw)
         if name == "stl10":  # (N, 3, 96, 96) already; unlabeled images carry label -1
-            return torch.from_numpy(ds.data), torch.as_tensor(ds.labels, dtype=torch.int64), ds.classes
-        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) -> (N, 3, 32, 32)
-        return x, torch.as_tensor(ds.targets, dtype=torch.int64), ds.classes
+            x, y = torch.from_numpy(ds.data), ds.labels
+        else:  # (N, 32, 32, 3) -> (N, 3, 32, 32)
+            x, y = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), ds.targets
+        return x, torch.as_tensor(y, dtype=torch.int64), ds.classes
 
     train_x, train_y, classes = split("train")
     test_x, test_y, _ = split("test")
@@ -216,10 +232,10 @@ def _tiny_imagenet(data_dir, download, size, cache):
 
 
 def _image_files(root):
-    """(paths, labels, classes) of root/<class>/**/<image> (torchvision's ImageFolder layout and file
-    extensions, sorted). Symbolic links are followed, except those that lead back into root: a loop
-    (e.g. a link to ..) or another class's images would multiply and mislabel the data; they are
-    refused. Only regular files count as images (a named pipe would hang the reading)."""
+    """(paths, labels, classes) of root/<class>/**/<image> (torchvision's ImageFolder layout and
+    file extensions, sorted). Symbolic links are followed, except those that lead back into root:
+    a loop (e.g. a link to ..) or another class's images would multiply and mislabel the data;
+    they are refused. Only regular files count as images (a named pipe would hang the reading)."""
     if not os.path.isdir(root):
         raise UsageError(f"image folder {root!r} does not exist "
                          "(expected DIR/train/<class>/* and DIR/test/<class>/*)")
@@ -236,8 +252,8 @@ def _image_files(root):
                 target = os.path.realpath(link)
                 if os.path.islink(link) and (target == real_root
                                              or target.startswith(real_root + os.sep)):
-                    raise UsageError(f"image folder {root!r}: the link {link!r} leads back into the "
-                                     "folder (a loop, or images counted twice); remove it")
+                    raise UsageError(f"image folder {root!r}: the link {link!r} leads back into "
+                                     "the folder (a loop, or images counted twice); remove it")
             dirs.sort()
             for name in sorted(files):
                 if name.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS):
@@ -305,7 +321,7 @@ def _decode(paths, size, chunk=64):
 _warned = set()
 
 
-def _warn(message):
+def warn(message):
     """One line on stderr, once per message (not warnings.warn: PYTHONWARNINGS=ignore hides it)."""
     if message not in _warned:
         _warned.add(message)
@@ -344,7 +360,7 @@ def _decode_cached(paths, size, home, split, cache):
                 raise ValueError(f"{x.dtype} {tuple(x.shape)}, expected uint8 {shape}")
             return x
         except Exception as e:  # whatever is wrong with the file, decoding again is the answer
-            _warn(f"cache {path!r} is unusable ({str(e).splitlines()[0][:200]}); rebuilding it")
+            warn(f"cache {path!r} is unusable ({str(e).splitlines()[0][:200]}); rebuilding it")
     x = _decode(paths, size)
     tmp = None
     try:
@@ -359,7 +375,7 @@ def _decode_cached(paths, size, home, split, cache):
         tmp = None
     except (OSError, RuntimeError) as e:  # read-only or full disk: run on without the cache
         reason = getattr(e, "strerror", None) or e  # without the file name: one warning per folder
-        _warn(f"cannot write the image cache in {folder!r} ({reason}); continuing without it")
+        warn(f"cannot write the image cache in {folder!r} ({reason}); continuing without it")
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
@@ -374,8 +390,8 @@ def _decode_cached(paths, size, home, split, cache):
 
 
 def _synthetic(size, n_train=512, n_test=256, n_classes=10):
-    """Offline stand-in data: each class is a smooth random colour pattern; every image adds its own
-    smooth variation, a random brightness and pixel noise. Learnable, not trivial; always the same."""
+    """Offline stand-in data: each class is a smooth random colour pattern; every image adds its
+    own smooth variation, a random brightness and pixel noise. Learnable, not trivial; fixed."""
     g = torch.Generator().manual_seed(0)
     low = lambda n: F.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=(size, size),
                                   mode="bilinear", align_corners=False)
@@ -432,7 +448,7 @@ def batch(x, idx, device):
     return buf.to(device, non_blocking=True)
 
 
-# ----------------------------------------------------------------------------- metrics
+# ========================================================================================= metrics
 
 
 @torch.no_grad()
@@ -461,7 +477,8 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes, epochs, seed, ba
         torch.manual_seed(seed)
         clf = torch.nn.Linear(train_f.shape[1], num_classes).to(train_f.device)
     opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * -(-len(train_f) // batch)))
+    steps = max(1, epochs * -(-len(train_f) // batch))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(epochs):
         perm = torch.randperm(len(train_f), device=train_f.device, generator=g)
         for i in range(0, len(perm), batch):
@@ -490,7 +507,8 @@ def knn_accuracy(train_f, train_y, test_f, test_y, num_classes, k=200, t=0.1, ch
     for i in range(0, len(test_f), chunk):
         sim, idx = (test_f[i:i + chunk] @ train_f.T).topk(k, dim=1)  # (c, k)
         votes = torch.zeros(len(sim), num_classes, device=sim.device)
-        votes.scatter_add_(1, train_y[idx], ((sim - sim[:, :1]) / t).exp())  # topk is sorted: column 0 = max
+        # topk is sorted: column 0 is the largest similarity
+        votes.scatter_add_(1, train_y[idx], ((sim - sim[:, :1]) / t).exp())
         correct += (votes.argmax(1) == test_y[i:i + chunk]).sum().item()
     return correct / len(test_f)
 
@@ -502,9 +520,9 @@ def accuracy(logits, y):
 
 @torch.no_grad()
 def same_class_mass(A, y):
-    """Mean over rows i of sum_{j != i, y_j = y_i} A_ij, for A of shape (..., n, n) with rows summing
-    to (at most) 1. Returns (mass with shape A.shape[:-2], chance): chance is the mass a row would put
-    on its own class if it spread its weight uniformly over the other n - 1 samples."""
+    """Mean over rows i of sum_{j != i, y_j = y_i} A_ij, for A of shape (..., n, n) with rows
+    summing to (at most) 1. Returns (mass with shape A.shape[:-2], chance): chance is the mass a row
+    would put on its own class if it spread its weight uniformly over the other n - 1 samples."""
     same = (y[:, None] == y[None, :]).float()
     same.fill_diagonal_(0)
     mass = (A.float() * same).sum(-1).mean(-1)
@@ -547,4 +565,447 @@ def save_views(path, rows, size=96):
     grid = torch.cat([pad(r.float(), (side - r.shape[-1]) // 2) for r in rows])
     up = max(1, size // side)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torchvision.utils.save_image(grid.repeat_interleave(up, 2).repeat_interleave(up, 3), path, nrow=8)
+    grid = grid.repeat_interleave(up, 2).repeat_interleave(up, 3)
+    torchvision.utils.save_image(grid, path, nrow=8)
+
+
+# ============================================================================================= run
+# The training script's set-up and bookkeeping, called by its loop; nothing here trains, evaluates
+# or decides on its own when to: the method file says when.
+
+
+@dataclasses.dataclass
+class RunArgs:
+    """The generic flags of every method file; its Args extends this class (tyro reads both)."""
+
+    dataset: Literal[DATASETS] = "cifar10"
+    """dataset; imagefolder reads DATA_DIR/train/<class>/* and DATA_DIR/test/<class>/*"""
+    data_dir: str = "data"
+    """where datasets are downloaded to / read from"""
+    download: bool = True
+    """download torchvision datasets that are missing from --data-dir"""
+    cache: bool = True
+    """keep decoded image folders in a cache file beside them (rebuilt when the folder changes)"""
+    data_on: Literal["auto", "device", "host"] = "auto"
+    """where the uint8 images live: device memory, or pinned host memory copied per batch (auto:
+    the device if they fit)"""
+    image_size: Optional[int] = None
+    """resize images to this side length (default: native size; 32 for image folders)"""
+    backbone: Literal["resnet18", "resnet50"] = "resnet18"
+    """torchvision ResNet; images <= 64 px get the CIFAR stem (3x3 conv, no max-pool)"""
+    num_samples: Optional[int] = None
+    """use a seeded, class-balanced subset of N training images (default: all)"""
+    batch_size: int = 512
+    """images per optimisation step, over all processes (each contributes several views)"""
+    epochs: int = 200
+    """training epochs (the learning-rate schedule spans all of them)"""
+    seed: int = 1
+    """random seed (initialisation, data order, augmentation)"""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """auto: cuda when available"""
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    """mixed precision; auto: bf16 (or fp16 with loss scaling) on cuda, off on cpu"""
+    compile: bool = False
+    """torch.compile the model"""
+    output_dir: str = "runs"
+    """parent of the run directories"""
+    resume: Optional[str] = None
+    """checkpoint.pt to continue from (its run directory is reused; flags given now override)"""
+    eval_every: int = 10
+    """k-NN evaluation every N epochs (0: only at the end)"""
+    linear_epochs: int = 100
+    """epochs of the linear probe on frozen features"""
+    knn_k: int = 200
+    """neighbours in the weighted k-NN evaluation"""
+    knn_t: float = 0.1
+    """temperature of the weighted k-NN vote"""
+    log_every: int = 50
+    """print (and sync) the loss every N steps"""
+    stop_epoch: Optional[int] = None
+    """stop after this epoch as if interrupted, keeping the checkpoint (for testing --resume)"""
+    sync_bn: bool = False
+    """under torchrun: backbone BatchNorm statistics over the global batch, not each rank's shard"""
+
+
+# Every generic numeric flag's accepted range, both ends included (each method file passes its
+# own table too). Upper bounds keep a typo from exhausting memory or overflowing.
+LIMITS = {"image_size": (8, 1024), "num_samples": (1, 10**9), "batch_size": (2, 1 << 16),
+          "epochs": (1, 100_000), "seed": (0, 2**32 - 3), "eval_every": (0, 100_000),
+          "linear_epochs": (1, 100_000), "knn_k": (1, 100_000), "knn_t": (1e-4, 100.0),
+          "log_every": (1, 10**9), "stop_epoch": (1, 100_000)}
+CHECKPOINT_KEYS = {"method", "args", "model", "optimizer", "scaler", "epoch", "step", "history",
+                   "rng"}
+
+
+def fail(msg, status=2, every_rank=False):
+    """One line on stderr and exit: 2 for bad input, 1 for a failed run. Under torchrun every rank
+    meets the same error and rank 0 prints it; every_rank: an error of this rank alone."""
+    if every_rank or int(os.environ.get("RANK", 0)) == 0:
+        print("error: " + " ".join(str(msg).split()), file=sys.stderr)
+    raise SystemExit(status)
+
+
+def check_args(args, limits):
+    """Every numeric flag finite and inside its range (LIMITS and the method's `limits`), (min, max)
+    pairs ordered. Else exit 2."""
+    for name, (lo, hi) in {**LIMITS, **limits}.items():
+        value, flag = getattr(args, name), "--" + name.replace("_", "-")
+        for v in value if isinstance(value, tuple) else (value,):
+            if v is not None and not (math.isfinite(v) and lo <= v <= hi):
+                fail(f"{flag} must be in [{lo}, {hi}], got {v}")
+        if isinstance(value, tuple) and value[0] > value[1]:
+            fail(f"{flag} must be (min, max) with min <= max, got {value[0]} {value[1]}")
+
+
+def parse_args(Args, method, limits):
+    """The command line as an Args (a RunArgs dataclass), with tyro; its errors are one line. With
+    --resume the checkpoint's arguments are the defaults, so only the flags given now change
+    anything; a checkpoint of another method or version is refused. -> (args, checkpoint or
+    None)."""
+    def cli(default=None):
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                return tyro.cli(Args, default=default)
+        except SystemExit as e:
+            if e.code:  # tyro draws a box; keep its first sentence on one line
+                text = " ".join(re.sub(r"[\u2500-\u257f]", " ", err.getvalue()).split())
+                fail(text.split(" For full helptext")[0])
+            raise
+
+    args, ckpt = cli(), None
+    if args.resume is not None:
+        try:
+            ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
+            assert isinstance(ckpt, dict) and "args" in ckpt and "model" in ckpt
+        except FileNotFoundError:
+            fail(f"checkpoint {args.resume!r} does not exist")
+        except Exception as e:
+            fail(f"cannot read checkpoint {args.resume!r} (truncated, or not written by this "
+                 f"script): {type(e).__name__} {(str(e).strip().splitlines() or [''])[0][:160]}")
+        if ckpt.get("method") != method:
+            fail(f"{args.resume!r} is a checkpoint of {ckpt.get('method')!r}, not {method}")
+        missing = sorted(CHECKPOINT_KEYS - set(ckpt))
+        unknown = [f"--{u.replace('_', '-')}" for u in sorted(
+            set(ckpt["args"]) - {f.name for f in dataclasses.fields(Args)})]
+        if missing or unknown:
+            fail(f"checkpoint {args.resume!r} was written by another version of this script: "
+                 + (f"it lacks {', '.join(missing)}" if missing else
+                    f"unknown argument(s) {', '.join(unknown)}"))
+        # one-off flags (--stop-epoch) are not inherited
+        args = cli(Args(**{**ckpt["args"], "resume": args.resume, "stop_epoch": None}))
+        for name in ("dataset", "data_dir", "image_size", "num_samples", "batch_size"):
+            if getattr(args, name) != ckpt["args"][name] and int(os.environ.get("RANK", 0)) == 0:
+                print(f"note: resuming with --{name.replace('_', '-')} {getattr(args, name)}; "
+                      f"the run so far used {ckpt['args'][name]}", file=sys.stderr)
+    check_args(args, limits)
+    return args, ckpt
+
+
+def keep_freed_memory():
+    """CPU with glibc: keep freed memory for reuse instead of returning it to the OS. By default
+    glibc unmaps the few-MB tensors of a step when freed, and the next step page-faults them in
+    again (measured: the batched augmentation ran at half speed on CPU)."""
+    with contextlib.suppress(OSError):  # not glibc (macOS, Windows, musl): nothing to do
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB come from the heap
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
+
+
+def save_atomic(path, write):
+    """write(file) into path + ".tmp", fsync, rename, fsync the directory: a crash never leaves a
+    truncated file. A failed write (disk full) ends the run in one line, the old file intact."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        fail(f"could not write {path}: {e}; its previous version (if any) is intact", status=1)
+
+
+# torch 2.14 deprecates torch.distributed.nn.functional for a private module; it is still the
+# public, autograd-aware form of the collectives (torch >= 2.4), so that warning is silenced
+warnings.filterwarnings("ignore", "torch.distributed.nn.functional", FutureWarning)
+
+
+class GlobalBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d with the global batch's training statistics over all ranks (--sync-bn), through
+    autograd-aware all_reduce: nn.SyncBatchNorm's job, which refuses CPU tensors (untestable here).
+    Same state_dict as BatchNorm2d; in eval mode, or in one process, it is BatchNorm2d."""
+
+    def forward(self, x):
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return super().forward(x)
+        sum_ = lambda t: torch.distributed.nn.functional.all_reduce(t.sum((0, 2, 3)))  # all ranks
+        n, xf = x.numel() // x.shape[1] * dist.get_world_size(), x.float()
+        mean = sum_(xf) / n
+        var = sum_((xf - mean[:, None, None]) ** 2) / n  # two passes: as exact as one process's
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)  # unbiased, as BatchNorm2d
+        scale = self.weight * (var + self.eps).rsqrt()
+        return (xf * scale[:, None, None] + (self.bias - mean * scale)[:, None, None]).to(x.dtype)
+
+
+class Run:
+    """One training run's state around its loop: torchrun, device, AMP, the data, the run directory,
+    progress lines, metrics.jsonl, checkpoints and resume, the non-finite watch, Ctrl-C. The loop
+    calls it; only rank 0 writes, logs and evaluates. `method` names the run directories and the
+    checkpoints (a checkpoint of another method is refused)."""
+
+    def __init__(self, method, args, ckpt):
+        self.method, self.args, self.ckpt, B = method, args, ckpt, args.batch_size
+        # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK. --batch-size is the global batch: each rank
+        # draws the global batch and its randomness, then augments and encodes its shard of b images
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if B % self.world:
+            fail(f"--batch-size {B} (the global batch) must be divisible by the {self.world} "
+                 "processes")
+        b = B // self.world
+        self.shard = slice(self.rank * b, (self.rank + 1) * b)  # this rank's images of a batch
+        cuda = torch.cuda.is_available()
+        dev = torch.device(("cuda" if cuda else "cpu") if args.device == "auto" else args.device)
+        if dev.type == "cuda" and not cuda:
+            fail("--device cuda but no CUDA device is available")
+        if dev.type == "cpu":
+            keep_freed_memory()
+        if self.world > 1:  # NCCL on GPUs, gloo on CPU; 1 h: the others wait while rank 0 evaluates
+            if dev.type == "cuda":
+                dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+                torch.cuda.set_device(dev)
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
+        self.device = dev
+        self.amp = {"auto": "off" if dev.type == "cpu" else
+                    "bf16" if torch.cuda.is_bf16_supported() else "fp16"}.get(args.amp, args.amp)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[self.amp]
+        torch.manual_seed(args.seed)  # the same on every rank: initial weights, order, views
+        self.g = torch.Generator(dev).manual_seed(args.seed)  # data order and augmentation
+        try:  # rank 0 loads (downloads) first, then the others
+            data = load_on_ranks(self.rank, self.world, args.dataset, args.data_dir,
+                                 args.download, args.image_size, args.num_samples,
+                                 seed=args.seed, cache=args.cache)
+        except UsageError as e:  # own: this rank alone failed (e.g. --data-dir not shared)
+            fail(e, every_rank=getattr(e, "own", False))
+        self.N, self.size, self.data = len(data.pretrain_x), data.pretrain_x.shape[-1], data
+        if B > self.N:
+            fail(f"--batch-size {B} is larger than the training set ({self.N} images)")
+        self.steps_per_epoch = self.N // B  # the last partial batch is dropped
+        self.x, self.data_on = place(data.pretrain_x, dev, args.data_on)  # uint8 images
+        self.train_x, self.train_y = self.x[: len(data.train_y)], data.train_y.to(dev)
+        self.test_x = place(data.test_x, dev, self.data_on)[0]
+        self.test_y = data.test_y.to(dev)
+        data.pretrain_x = data.train_x = data.test_x = None  # placed above (pinning copies them)
+        mean, std = [torch.tensor(v, device=dev).view(1, 3, 1, 1) for v in (data.mean, data.std)]
+        self.norm = lambda v: (v - mean) / std
+
+    def autocast(self):  # bf16 or fp16 (--amp), or fp32 with autocast off
+        return torch.autocast(self.device.type, self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None)
+
+    def images(self, idx, x=None):  # uint8 images x[idx] (default: the training set) on the device
+        return batch(self.x if x is None else x, idx, self.device)
+
+    def rand(self, *shape, seed=1):  # uniforms for figures and analyses: not the training RNG
+        g = torch.Generator(self.device).manual_seed(self.args.seed + seed)
+        return torch.rand(*shape, device=self.device, generator=g)
+
+    def figure(self, name):
+        return os.path.join(self.dir, "figures", name)
+
+    def start(self, model, opt, scaler):
+        """Resume (weights, optimizer, scaler, counters, RNG) or make a run directory; the module to
+        train: under torchrun in DDP, with --compile compiled. Sets `fresh`: a new run on rank 0."""
+        a, ckpt = self.args, self.ckpt
+        self.model, self.opt, self.scaler = model, opt, scaler
+        if a.sync_bn:  # the backbone's BatchNorm over the global batch (heads see it already)
+            for m in model.modules():
+                if type(m) is nn.BatchNorm2d:
+                    m.__class__ = GlobalBatchNorm  # same parameters and buffers
+        self.epoch, self.step, self.history = 0, 0, {"train_seconds": 0.0, "train_images": 0}
+        if ckpt is not None:
+            try:
+                model.load_state_dict(ckpt["model"])
+                opt.load_state_dict(ckpt["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                fail(f"checkpoint {a.resume!r} does not match this model: {str(e).splitlines()[0]}")
+            scaler.load_state_dict(ckpt["scaler"])
+            self.epoch, self.step, self.history = ckpt["epoch"], ckpt["step"], ckpt["history"]
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            self.g.set_state(ckpt["rng"]["data"].to(self.g.get_state().device))
+            if self.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+            self.dir = os.path.dirname(os.path.abspath(a.resume))
+        else:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            self.dir = os.path.join(a.output_dir, f"{self.method}__{a.dataset}__{a.seed}__{stamp}")
+            while os.path.exists(self.dir):
+                self.dir += "_"
+        self.last_good, self.fresh = self.epoch, ckpt is None and self.rank == 0
+        if self.rank == 0:
+            self._make_run_dir()
+        signal.signal(signal.SIGINT, lambda *_: fail(  # Ctrl-C: one line, how to resume, exit 130
+            f"interrupted; {self._kept()}" + (f"; resume with --resume {self.dir}/checkpoint.pt"
+                                               if self.last_good else ""), status=130))
+        # DDP averages gradients over ranks (and starts every rank from rank 0's weights)
+        net = torch.nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
+        return torch.compile(net) if a.compile else net
+
+    def _make_run_dir(self):  # args.json (with every earlier part of a resumed run), metrics.jsonl
+        try:
+            os.makedirs(os.path.join(self.dir, "figures"), exist_ok=True)
+            for name in ("checkpoint.pt", "backbone.pt", "summary.json"):  # left by a killed run
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.dir, name + ".tmp"))
+            path, earlier = os.path.join(self.dir, "args.json"), []
+            if self.ckpt is not None:
+                with contextlib.suppress(OSError, ValueError), open(path) as f:
+                    old = json.load(f)
+                    earlier = old.pop("earlier", []) + [{**old, "until_epoch": self.epoch}]
+            with open(path, "w") as f:
+                json.dump({**dataclasses.asdict(self.args), "earlier": earlier}, f, indent=2)
+            self.metrics = open(os.path.join(self.dir, "metrics.jsonl"), "a")
+        except OSError as e:
+            fail(f"cannot write the run directory {self.dir!r}: {e.strerror or e}")
+        a, W = self.args, self.world
+        shards = f" = {W} processes x {a.batch_size // W}" if W > 1 else ""
+        print(f"{self.method} | {a.dataset} {self.N} images {self.size}px on {self.data_on} | "
+              f"{self.device} amp={self.amp} | batch {a.batch_size}{shards} | "
+              f"{self.steps_per_epoch} steps/epoch | run dir {self.dir}")
+
+    def _log(self, **kv):
+        self.metrics.write(json.dumps(kv) + "\n")
+        self.metrics.flush()
+
+    def _kept(self):
+        return (f"the last good checkpoint is {self.dir}/checkpoint.pt (epoch {self.last_good})"
+                if self.last_good else "no checkpoint was written")
+
+    def batches(self):
+        """The global batches of one epoch, the same on every rank: index tensors (B,) of a
+        permutation drawn from the run's generator `g`. Resets the epoch's sums and the non-finite
+        watch."""
+        B, dev = self.args.batch_size, self.device
+        self.t0, self.i, self.sums = time.time(), 0, {}
+        self.bad_run = torch.zeros((), dtype=torch.long, device=dev)  # non-finite losses in a row
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=dev)  # first fatal step or -1
+        perm = torch.randperm(self.N, device=dev, generator=self.g)
+        for i in range(self.steps_per_epoch):
+            yield perm[i * B:(i + 1) * B]
+
+    def step_done(self, loss, **stats):
+        """After each step: epoch sums and the non-finite watch, on the device; every --log-every
+        steps a progress line (the loop's only host syncs). fp16: the GradScaler skips steps with a
+        non-finite loss, so the run stops after 10 in a row."""
+        for k, v in {"loss": loss, **stats}.items():
+            self.sums[k] = self.sums.get(k, 0) + v.detach().float()
+        self.bad_run = torch.where(torch.isfinite(loss.detach()), 0, self.bad_run + 1)
+        fatal = (self.bad_step < 0) & (self.bad_run >= (10 if self.amp == "fp16" else 1))
+        self.bad_step = torch.where(fatal, self.step + 1, self.bad_step)
+        self.step, self.i, a = self.step + 1, self.i + 1, self.args
+        if self.step % a.log_every and self.i < self.steps_per_epoch:
+            return
+        if self.bad_step.item() >= 0:  # the same on every rank, so all of them stop here
+            fail(f"non-finite loss at step {self.bad_step.item()} (epoch {self.epoch + 1}); "
+                 f"stopping: {self._kept()}", status=1)
+        if self.rank == 0:
+            ips = self.i * a.batch_size / (time.time() - self.t0)
+            eta = (a.epochs * self.steps_per_epoch - self.step) * a.batch_size / ips / 60
+            means = "".join(f"{k} {(v / self.i).item():.4f} " for k, v in self.sums.items()
+                            if k != "loss")
+            lr = self.opt.param_groups[0]["lr"]
+            print(f"epoch {self.epoch + 1}/{a.epochs} step {self.step} loss {loss.item():.4f} "
+                  f"{means}lr {lr:.4g} {ips:.0f} img/s eta {eta:.1f} min")
+
+    def epoch_done(self):
+        """At the end of an epoch: no parameter or buffer may be non-finite (every rank checks),
+        then rank 0 logs the epoch's record."""
+        a, steps = self.args, self.steps_per_epoch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.time() - self.t0
+        self.history["train_seconds"] += seconds
+        self.history["train_images"] += steps * a.batch_size
+        self.epoch += 1
+        bad = [k for k, v in self.model.state_dict().items()
+               if v.is_floating_point() and not v.isfinite().all()]
+        if bad:  # a blown-up last update can leave NaN weights after a finite loss; DDP: all ranks
+            fail(f"non-finite weights after epoch {self.epoch} ({len(bad)} tensors, e.g. {bad[0]});"
+                 f" stopping: {self._kept()}", status=1)
+        if self.rank == 0:
+            self._log(event="epoch", epoch=self.epoch, step=self.step,
+                      **{k: (v / steps).item() for k, v in self.sums.items()},
+                      lr=self.opt.param_groups[0]["lr"], seconds=seconds,
+                      images_per_sec=steps * a.batch_size / seconds)
+
+    def eval_due(self):
+        """Rank 0, every --eval-every epochs; not after the last one (the final evaluation is)."""
+        a = self.args
+        return self.rank == 0 and a.eval_every and self.epoch % a.eval_every == 0 \
+            and self.epoch < a.epochs
+
+    def features(self, backbone):
+        """Backbone features (fp32) of the un-augmented labelled train and test images, in eval
+        mode, under --amp: (train (n, D), test (m, D)). The last ones are kept for the probe."""
+        ex = lambda x: extract(backbone, x, self.norm, self.device, self.amp_dtype)
+        self.feats = ex(self.train_x), ex(self.test_x)
+        return self.feats
+
+    def report(self, epoch, feats, analysis):
+        """The k-NN accuracy of features (train, test) and the method's analysis (a dict): logged,
+        printed, and at epoch 0 kept as the random-init baseline. Returns the eval record."""
+        knn = knn_accuracy(feats[0], self.train_y, feats[1], self.test_y,
+                           len(self.data.classes), self.args.knn_k, self.args.knn_t)
+        out = {"event": "eval", "epoch": epoch, "step": self.step, "knn_acc": knn, **analysis}
+        self._log(**out)
+        fmt = lambda v: (" ".join(f"{u:.3f}" for u in v) if isinstance(v, list) else
+                         f"{v:.4f}" if isinstance(v, float) else f"{v}")
+        print(" ".join(f"{k} {fmt(v)}" for k, v in out.items()))
+        if epoch == 0:
+            self.history["init"] = {k: out[k] for k in list(out)[3:]}  # all but event, epoch, step
+        return out
+
+    def checkpoint(self):
+        """Rank 0 writes checkpoint.pt atomically: model, optimizer, scaler, counters, history, RNG
+        states, arguments. After --stop-epoch the run ends here (every rank), resumable."""
+        a = self.args
+        if self.rank == 0:
+            rng = {"torch": torch.get_rng_state(), "data": self.g.get_state().cpu(),
+                   "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}
+            state = {"method": self.method, "args": dataclasses.asdict(a),
+                     "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                     "scaler": self.scaler.state_dict(),
+                     "epoch": self.epoch, "step": self.step, "history": self.history, "rng": rng}
+            save_atomic(os.path.join(self.dir, "checkpoint.pt"), lambda f: torch.save(state, f))
+            self.last_good = self.epoch
+        if a.stop_epoch is not None and a.stop_epoch <= self.epoch < a.epochs:
+            if self.rank == 0:
+                print(f"stopped after epoch {self.epoch} (--stop-epoch); resume with "
+                      f"--resume {self.dir}/checkpoint.pt")
+            raise SystemExit(0)
+
+    def finish(self, backbone, final):
+        """Rank 0, after the final evaluation `final`: the linear probe on its features,
+        backbone.pt and summary.json."""
+        a, h = self.args, self.history
+        linear = linear_probe(self.feats[0], self.train_y, self.feats[1], self.test_y,
+                              len(self.data.classes), a.linear_epochs, a.seed)
+        save_atomic(os.path.join(self.dir, "backbone.pt"),
+                    lambda f: torch.save(backbone.state_dict(), f))
+        summary = {"knn_acc": final["knn_acc"], "linear_acc": linear, "init": h.get("init"),
+                   "epochs": a.epochs,
+                   "normalization": {"mean": self.data.mean, "std": self.data.std},
+                   "images_per_sec": h["train_images"] / max(h["train_seconds"], 1e-9),
+                   **{k: final[k] for k in list(final)[4:]}}  # the method's analysis
+        self._log(event="final", **summary)
+        save_atomic(os.path.join(self.dir, "summary.json"),
+                    lambda f: f.write(json.dumps(summary, indent=2).encode()))
+        print(f"done: knn_acc {summary['knn_acc']:.4f} linear_acc {linear:.4f} (random init: "
+              f"knn_acc {h['init']['knn_acc']:.4f}) -> {self.dir}")

@@ -19,19 +19,8 @@ it learn and keep its three points (stem BatchNorm, W_k = W_q, the score relu(C 
     torchrun --nproc-per-node 8 transfusion.py --batch-size 4096 --sync-bn   # the batch is global
 """
 
-import contextlib
-import ctypes
 import dataclasses
-import datetime
-import io
-import json
 import math
-import os
-import re
-import signal
-import sys
-import time
-import warnings
 from typing import Literal, Optional
 
 import torch
@@ -39,7 +28,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-import tyro
 
 import common
 
@@ -47,57 +35,10 @@ METHOD = "transfusion"  # names the run directories; a checkpoint of another met
 
 
 @dataclasses.dataclass
-class Args:
-    # ---- generic: identical in deepfusion.py, transfusion.py and bam.py
-    dataset: Literal["cifar10", "cifar100", "stl10", "tinyimagenet", "imagefolder",
-                     "synthetic"] = "cifar10"
-    """dataset; imagefolder reads DATA_DIR/train/<class>/* and DATA_DIR/test/<class>/*"""
-    data_dir: str = "data"
-    """where datasets are downloaded to / read from"""
-    download: bool = True
-    """download torchvision datasets that are missing from --data-dir"""
-    cache: bool = True
-    """keep decoded image folders in a cache file beside them (rebuilt when the folder changes)"""
-    data_on: Literal["auto", "device", "host"] = "auto"
-    """where the uint8 images live: device memory, or pinned host memory copied per batch (auto:
-    the device if they fit)"""
-    image_size: Optional[int] = None
-    """resize images to this side length (default: native size; 32 for image folders)"""
-    backbone: Literal["resnet18", "resnet50"] = "resnet18"
-    """torchvision ResNet; images <= 64 px get the CIFAR stem (3x3 conv, no max-pool)"""
-    num_samples: Optional[int] = None
-    """use a seeded, class-balanced subset of N training images (default: all)"""
-    batch_size: int = 512
-    """images per optimisation step, over all processes (each contributes several views)"""
-    epochs: int = 200
-    """training epochs (the learning-rate schedule spans all of them)"""
-    seed: int = 1
-    """random seed (initialisation, data order, augmentation)"""
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    """auto: cuda when available"""
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
-    """mixed precision; auto: bf16 (or fp16 with loss scaling) on cuda, off on cpu"""
-    compile: bool = False
-    """torch.compile the model"""
-    output_dir: str = "runs"
-    """parent of the run directories"""
-    resume: Optional[str] = None
-    """checkpoint.pt to continue from (its run directory is reused; flags given now override)"""
-    eval_every: int = 10
-    """k-NN evaluation every N epochs (0: only at the end)"""
-    linear_epochs: int = 100
-    """epochs of the linear probe on frozen features"""
-    knn_k: int = 200
-    """neighbours in the weighted k-NN evaluation"""
-    knn_t: float = 0.1
-    """temperature of the weighted k-NN vote"""
-    log_every: int = 50
-    """print (and sync) the loss every N steps"""
-    stop_epoch: Optional[int] = None
-    """stop after this epoch as if interrupted, keeping the checkpoint (for testing --resume)"""
-    sync_bn: bool = False
-    """under torchrun: backbone BatchNorm statistics over the global batch, not each rank's shard"""
-    # ---- method: TransFusion
+class Args(common.RunArgs):
+    """TransFusion: ReLU-attention fusion blocks over the batch, adjacency output, JSD loss. The
+    generic flags (data, device, AMP, output, resume, evaluation, torchrun) come from RunArgs."""
+
     fusion_blocks: int = 5
     """fusion blocks before the final (adjacency) block; the authors' scripts use 5"""
     width: int = 512
@@ -287,27 +228,19 @@ METHOD_LIMITS = {"fusion_blocks": (0, 64), "width": (1, 1 << 16), "beta_init": (
                  "gray_p": (0.0, 1.0), "blur_p": (0.0, 1.0)}
 
 
-# ======================================================================== shared plumbing: BEGIN
-# Identical in deepfusion.py, transfusion.py and bam.py (tests/test_shared.py checks it). Nothing
-# here is the method: batched augmentation, the ResNet, torchrun, argument checks, run directory,
-# checkpoints. A reader learning the method may skip to `if __name__ == "__main__":` at the end.
-#
-# Augmentation. torchvision's SimCLR pipeline is RandomResizedCrop -> HorizontalFlip ->
-# ColorJitter -> Grayscale -> GaussianBlur (-> Solarize). Every sample draws its own parameters,
-# but the work is a few batched tensor ops:
-# * crop, resize, flip and blur are linear along each image axis: per sample one (size x H) matrix
-#   per axis, and the view is Ry @ x @ Rx^T. Resizing uses a triangle filter widened when
-#   downscaling, i.e. antialiased like PIL's.
-# * brightness, saturation, hue (a rotation in YIQ space, the usual GPU approximation of the HSV
-#   hue shift) and grayscale are 3x3 colour matrices, contrast blends with the mean grey level: one
-#   per-sample affine map x -> M x + o (colour_matrices). torchvision draws a random order of the
-#   four jitter ops; in this linear model they commute, so no order is drawn (only torchvision's
-#   clamping after every op depends on it).
-# Differences from torchvision: boxes are not rounded to whole pixels; one clamp to [0, 1] at the
-# end; blur before the colour ops (commutes with them up to the clamping); hue is the YIQ rotation.
-# Randomness: a sample's row u of NU uniforms, drawn for the whole global batch at once, so a view
-# depends on its image and its row alone and a rank that augments its shard makes the views one
-# process would. Columns: crop (TRIES area tries, TRIES log-aspect tries, y, x), flip, blur, blur
+# ============================================================================ shared region: BEGIN
+# Identical in deepfusion.py, transfusion.py and bam.py (tests/test_shared.py checks it): batched
+# augmentation kernels, the backbone and the gather over the global batch.
+# Augmentation: torchvision's SimCLR ops with per-sample parameters, as a few batched tensor ops.
+# Crop, resize, flip and blur are linear along each axis: one (size x H) matrix per axis and sample,
+# the view is Ry @ x @ Rx^T (a triangle filter, widened when downscaling: antialiased, like PIL).
+# Jitter and grayscale are one per-sample affine colour map x -> M x + o; hue is a rotation in YIQ
+# space (the usual GPU approximation of the HSV shift). In this linear form the four jitter ops
+# commute, so no random order is drawn (only torchvision's clamping after each op depends on it;
+# we clamp once, at the end). Boxes are not rounded to whole pixels; blur precedes the colour ops.
+# Randomness: each sample's row of NU uniforms, drawn for the global batch at once, so a view
+# depends on its image and its row alone (a torchrun rank augmenting its shard makes the views one
+# process would). Columns: crop (TRIES area tries, TRIES log-aspect tries, y, x), flip, blur, blur
 # sigma, colour (jitter on, brightness, contrast, saturation, hue, grayscale), solarize.
 
 GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
@@ -320,11 +253,10 @@ NU = U_CROP + 3 + U_COLOUR + 1
 def colour_basis():
     """(3, 3, 3): 1 g^T (every channel := grey level g^T x), I - 1 g^T (the chroma of x) and the
     chroma rotated by 90 degrees in the (I, Q) plane: T^-1 [[0, 0, 0], [0, 0, -1], [0, 1, 0]] T."""
-    T = torch.tensor(RGB2YIQ, dtype=torch.float64)
-    grey = torch.ones(3, 1, dtype=torch.float64) * T[:1]
-    rot = torch.tensor([[0, 0, 0], [0, 0, -1], [0, 1, 0]], dtype=torch.float64)
-    return torch.stack([grey, torch.eye(3, dtype=torch.float64) - grey,
-                        torch.linalg.inv(T) @ rot @ T]).float()
+    f64 = dict(dtype=torch.float64)
+    T, rot = torch.tensor(RGB2YIQ, **f64), torch.tensor([[0, 0, 0], [0, 0, -1], [0, 1, 0]], **f64)
+    grey = torch.ones(3, 1, **f64) * T[:1]
+    return torch.stack([grey, torch.eye(3, **f64) - grey, T.inverse() @ rot @ T]).float()
 
 
 COLOUR_BASIS = colour_basis()
@@ -419,11 +351,6 @@ def make_backbone(name, image_size):
     return net, dim
 
 
-# torch 2.14 deprecates torch.distributed.nn.functional for a private module; it is still the
-# public, autograd-aware form of the collectives (torch >= 2.4), so that warning is silenced
-warnings.filterwarnings("ignore", "torch.distributed.nn.functional", FutureWarning)
-
-
 def gather(h, views):
     """Rows of every rank in the order one process with the whole batch has them, view-major over
     the global batch: (views * b, D) on each of W ranks -> (views * W * b, D). Autograd-aware: each
@@ -435,375 +362,16 @@ def gather(h, views):
     return torch.stack(parts).unflatten(1, (views, -1)).transpose(0, 1).flatten(0, 2)
 
 
-class GlobalBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d with the global batch's training statistics over all ranks (--sync-bn), through
-    autograd-aware all_reduce: nn.SyncBatchNorm's job, which refuses CPU tensors (untestable here).
-    Same state_dict as BatchNorm2d; in eval mode, or in one process, it is BatchNorm2d."""
-
-    def forward(self, x):
-        if not (self.training and dist.is_available() and dist.is_initialized()):
-            return super().forward(x)
-        sum_ = lambda t: torch.distributed.nn.functional.all_reduce(t.sum((0, 2, 3)))  # all ranks
-        n, xf = x.numel() // x.shape[1] * dist.get_world_size(), x.float()
-        mean = sum_(xf) / n
-        var = sum_((xf - mean[:, None, None]) ** 2) / n  # two passes: as exact as one process's
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * n / (n - 1), self.momentum)  # unbiased, as BatchNorm2d
-        scale = self.weight * (var + self.eps).rsqrt()
-        return (xf * scale[:, None, None] + (self.bias - mean * scale)[:, None, None]).to(x.dtype)
-
-
-def fail(msg, status=2, every_rank=False):
-    """One line on stderr and exit: 2 for bad input, 1 for a failed run. Under torchrun every rank
-    meets the same error and rank 0 prints it; every_rank: an error of this rank alone."""
-    if every_rank or int(os.environ.get("RANK", 0)) == 0:
-        print("error: " + " ".join(str(msg).split()), file=sys.stderr)
-    raise SystemExit(status)
-
-
-# Every generic numeric flag's accepted range, both ends included (the method's: METHOD_LIMITS).
-# Upper bounds keep a typo from exhausting memory or overflowing.
-LIMITS = {"image_size": (8, 1024), "num_samples": (1, 10**9), "batch_size": (2, 1 << 16),
-          "epochs": (1, 100_000), "seed": (0, 2**32 - 3), "eval_every": (0, 100_000),
-          "linear_epochs": (1, 100_000), "knn_k": (1, 100_000), "knn_t": (1e-4, 100.0),
-          "log_every": (1, 10**9), "stop_epoch": (1, 100_000)}
-CHECKPOINT_KEYS = {"method", "args", "model", "optimizer", "scaler", "epoch", "step", "history",
-                   "rng"}
-
-
-def check_args(args):
-    """Every numeric flag finite and inside its range; (min, max) pairs ordered. Else exit 2."""
-    for name, (lo, hi) in {**LIMITS, **METHOD_LIMITS}.items():
-        value, flag = getattr(args, name), "--" + name.replace("_", "-")
-        for v in value if isinstance(value, tuple) else (value,):
-            if v is not None and not (math.isfinite(v) and lo <= v <= hi):
-                fail(f"{flag} must be in [{lo}, {hi}], got {v}")
-        if isinstance(value, tuple) and value[0] > value[1]:
-            fail(f"{flag} must be (min, max) with min <= max, got {value[0]} {value[1]}")
-
-
-def parse_args():
-    """tyro CLI whose errors are one line. With --resume the checkpoint's arguments are the
-    defaults, so only the flags given now change anything. -> (args, checkpoint or None)."""
-    def cli(default=None):
-        err = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(err):
-                return tyro.cli(Args, default=default)
-        except SystemExit as e:
-            if e.code:  # tyro draws a box; keep its first sentence on one line
-                text = " ".join(re.sub(r"[\u2500-\u257f]", " ", err.getvalue()).split())
-                fail(text.split(" For full helptext")[0])
-            raise
-
-    args, ckpt = cli(), None
-    if args.resume is not None:
-        try:
-            ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
-            assert isinstance(ckpt, dict) and "args" in ckpt and "model" in ckpt
-        except FileNotFoundError:
-            fail(f"checkpoint {args.resume!r} does not exist")
-        except Exception as e:
-            fail(f"cannot read checkpoint {args.resume!r} (truncated, or not written by this "
-                 f"script): {type(e).__name__} {(str(e).strip().splitlines() or [''])[0][:160]}")
-        if ckpt.get("method") != METHOD:
-            fail(f"{args.resume!r} is a checkpoint of {ckpt.get('method')!r}, not {METHOD}")
-        missing = sorted(CHECKPOINT_KEYS - set(ckpt))
-        unknown = [f"--{u.replace('_', '-')}" for u in sorted(
-            set(ckpt["args"]) - {f.name for f in dataclasses.fields(Args)})]
-        if missing or unknown:
-            fail(f"checkpoint {args.resume!r} was written by another version of this script: "
-                 + (f"it lacks {', '.join(missing)}" if missing else
-                    f"unknown argument(s) {', '.join(unknown)}"))
-        # one-off flags (--stop-epoch) are not inherited
-        args = cli(Args(**{**ckpt["args"], "resume": args.resume, "stop_epoch": None}))
-        for name in ("dataset", "data_dir", "image_size", "num_samples", "batch_size"):
-            if getattr(args, name) != ckpt["args"][name] and int(os.environ.get("RANK", 0)) == 0:
-                print(f"note: resuming with --{name.replace('_', '-')} {getattr(args, name)}; "
-                      f"the run so far used {ckpt['args'][name]}", file=sys.stderr)
-    check_args(args)
-    return args, ckpt
-
-
-def keep_freed_memory():
-    """CPU with glibc: keep freed memory for reuse instead of returning it to the OS. By default
-    glibc unmaps the few-MB tensors of a step when freed, and the next step page-faults them in
-    again (measured: the batched augmentation ran at half speed on CPU)."""
-    with contextlib.suppress(OSError):  # not glibc (macOS, Windows, musl): nothing to do
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB come from the heap
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
-
-
-def save_atomic(path, write):
-    """write(file) into path + ".tmp", fsync, rename, fsync the directory: a crash never leaves a
-    truncated file. A failed write (disk full) ends the run in one line, the old file intact."""
-    try:
-        with open(path + ".tmp", "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        with contextlib.suppress(OSError):
-            os.remove(path + ".tmp")
-        fail(f"could not write {path}: {e}; its previous version (if any) is intact", status=1)
-
-
-class Run:
-    """Everything around the training step: torchrun, device, AMP, data, run directory, progress
-    lines, metrics.jsonl, checkpoints and resume, the non-finite watch, Ctrl-C, evaluation. Only
-    rank 0 writes, logs and evaluates."""
-
-    def __init__(self, args, ckpt):
-        self.args, self.ckpt, B = args, ckpt, args.batch_size
-        # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK. --batch-size is the global batch: each rank
-        # draws the global batch and its randomness, then augments and encodes its shard of b images
-        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        if B % self.world:
-            fail(f"--batch-size {B} (the global batch) must be divisible by the {self.world} "
-                 "processes")
-        b = B // self.world
-        self.shard = slice(self.rank * b, (self.rank + 1) * b)  # this rank's images of a batch
-        cuda = torch.cuda.is_available()
-        dev = torch.device(("cuda" if cuda else "cpu") if args.device == "auto" else args.device)
-        if dev.type == "cuda" and not cuda:
-            fail("--device cuda but no CUDA device is available")
-        if dev.type == "cpu":
-            keep_freed_memory()
-        if self.world > 1:  # NCCL on GPUs, gloo on CPU; 1 h: the others wait while rank 0 evaluates
-            if dev.type == "cuda":
-                dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-                torch.cuda.set_device(dev)
-            dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
-        self.device = dev
-        self.amp = {"auto": "off" if dev.type == "cpu" else
-                    "bf16" if torch.cuda.is_bf16_supported() else "fp16"}.get(args.amp, args.amp)
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[self.amp]
-        torch.manual_seed(args.seed)  # the same on every rank: initial weights, order, views
-        self.g = torch.Generator(dev).manual_seed(args.seed)  # data order and augmentation
-        try:  # rank 0 loads (downloads) first, then the others
-            data = common.load_on_ranks(self.rank, self.world, args.dataset, args.data_dir,
-                                        args.download, args.image_size, args.num_samples,
-                                        seed=args.seed, cache=args.cache)
-        except common.UsageError as e:  # own: this rank alone failed (e.g. --data-dir not shared)
-            fail(e, every_rank=getattr(e, "own", False))
-        self.N, self.size, self.data = len(data.pretrain_x), data.pretrain_x.shape[-1], data
-        if B > self.N:
-            fail(f"--batch-size {B} is larger than the training set ({self.N} images)")
-        self.steps_per_epoch = self.N // B  # the last partial batch is dropped
-        self.x, self.data_on = common.place(data.pretrain_x, dev, args.data_on)  # uint8 images
-        self.train_x, self.train_y = self.x[: len(data.train_y)], data.train_y.to(dev)
-        self.test_x = common.place(data.test_x, dev, self.data_on)[0]
-        self.test_y = data.test_y.to(dev)
-        data.pretrain_x = data.train_x = data.test_x = None  # placed above (pinning copies them)
-        mean, std = [torch.tensor(v, device=dev).view(1, 3, 1, 1) for v in (data.mean, data.std)]
-        self.norm = lambda v: (v - mean) / std
-
-    def autocast(self):  # bf16 or fp16 (--amp), or fp32 with autocast off
-        return torch.autocast(self.device.type, self.amp_dtype or torch.float32,
-                              enabled=self.amp_dtype is not None)
-
-    def images(self, idx, x=None):  # uint8 images x[idx] (default: the training set) on the device
-        return common.batch(self.x if x is None else x, idx, self.device)
-
-    def rand(self, *shape, seed=1):  # uniforms (*shape, NU) for figures: not the training RNG
-        g = torch.Generator(self.device).manual_seed(self.args.seed + seed)
-        return torch.rand(*shape, NU, device=self.device, generator=g)
-
-    def figure(self, name):
-        return os.path.join(self.dir, "figures", name)
-
-    def start(self, model, opt, scaler, backbone, analyse):
-        """Resume (weights, optimizer, scaler, counters, RNG) or make a run directory. backbone: the
-        module evaluated and saved; analyse(epoch, test features) -> the method's own metrics.
-        Returns the module to train: under torchrun in DDP, with --compile compiled."""
-        a, ckpt = self.args, self.ckpt
-        self.model, self.opt, self.scaler, self.backbone, self.analyse = (
-            model, opt, scaler, backbone, analyse)
-        if a.sync_bn:  # the backbone's BatchNorm over the global batch (heads see it already)
-            for m in model.modules():
-                if type(m) is nn.BatchNorm2d:
-                    m.__class__ = GlobalBatchNorm  # same parameters and buffers
-        self.epoch, self.step, self.history = 0, 0, {"train_seconds": 0.0, "train_images": 0}
-        if ckpt is not None:
-            try:
-                model.load_state_dict(ckpt["model"])
-                opt.load_state_dict(ckpt["optimizer"])
-            except (RuntimeError, ValueError, KeyError) as e:
-                fail(f"checkpoint {a.resume!r} does not match this model: {str(e).splitlines()[0]}")
-            scaler.load_state_dict(ckpt["scaler"])
-            self.epoch, self.step, self.history = ckpt["epoch"], ckpt["step"], ckpt["history"]
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            self.g.set_state(ckpt["rng"]["data"].to(self.g.get_state().device))
-            if self.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-            self.dir = os.path.dirname(os.path.abspath(a.resume))
-        else:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            self.dir = os.path.join(a.output_dir, f"{METHOD}__{a.dataset}__{a.seed}__{stamp}")
-            while os.path.exists(self.dir):
-                self.dir += "_"
-        self.last_good, self.fresh = self.epoch, ckpt is None and self.rank == 0
-        if self.rank == 0:
-            self.make_run_dir()
-        signal.signal(signal.SIGINT, lambda *_: fail(  # Ctrl-C: one line, how to resume, exit 130
-            f"interrupted; {self.kept()}" + (f"; resume with --resume {self.dir}/checkpoint.pt"
-                                              if self.last_good else ""), status=130))
-        # DDP averages gradients over ranks (and starts every rank from rank 0's weights)
-        net = torch.nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
-        return torch.compile(net) if a.compile else net
-
-    def make_run_dir(self):  # args.json (with every earlier part of a resumed run), metrics.jsonl
-        try:
-            os.makedirs(os.path.join(self.dir, "figures"), exist_ok=True)
-            for name in ("checkpoint.pt", "backbone.pt", "summary.json"):  # left by a killed run
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(self.dir, name + ".tmp"))
-            path, earlier = os.path.join(self.dir, "args.json"), []
-            if self.ckpt is not None:
-                with contextlib.suppress(OSError, ValueError), open(path) as f:
-                    old = json.load(f)
-                    earlier = old.pop("earlier", []) + [{**old, "until_epoch": self.epoch}]
-            with open(path, "w") as f:
-                json.dump({**dataclasses.asdict(self.args), "earlier": earlier}, f, indent=2)
-            self.metrics = open(os.path.join(self.dir, "metrics.jsonl"), "a")
-        except OSError as e:
-            fail(f"cannot write the run directory {self.dir!r}: {e.strerror or e}")
-        a, W = self.args, self.world
-        shards = f" = {W} processes x {a.batch_size // W}" if W > 1 else ""
-        print(f"{METHOD} | {a.dataset} {self.N} images {self.size}px on {self.data_on} | "
-              f"{self.device} amp={self.amp} | batch {a.batch_size}{shards} | "
-              f"{self.steps_per_epoch} steps/epoch | run dir {self.dir}")
-
-    def log(self, **kv):
-        self.metrics.write(json.dumps(kv) + "\n")
-        self.metrics.flush()
-
-    def kept(self):
-        return (f"the last good checkpoint is {self.dir}/checkpoint.pt (epoch {self.last_good})"
-                if self.last_good else "no checkpoint was written")
-
-    def batches(self, views):
-        """One epoch of global batches, the same on every rank: (indices (B,), their views' uniforms
-        (views, B, NU)). Resets the epoch's sums and the non-finite watch."""
-        B, dev = self.args.batch_size, self.device
-        self.t0, self.i, self.sums = time.time(), 0, {}
-        self.bad_run = torch.zeros((), dtype=torch.long, device=dev)  # non-finite losses in a row
-        self.bad_step = torch.full((), -1, dtype=torch.long, device=dev)  # first fatal step or -1
-        perm = torch.randperm(self.N, device=dev, generator=self.g)
-        for i in range(self.steps_per_epoch):
-            yield perm[i * B:(i + 1) * B], torch.rand(views, B, NU, device=dev, generator=self.g)
-
-    def step_done(self, loss, **stats):
-        """After each step: epoch sums and the non-finite watch, on the device; every --log-every
-        steps a progress line (the loop's only host syncs). fp16: the GradScaler skips steps with a
-        non-finite loss, so the run stops after 10 in a row."""
-        for k, v in {"loss": loss, **stats}.items():
-            self.sums[k] = self.sums.get(k, 0) + v.detach().float()
-        self.bad_run = torch.where(torch.isfinite(loss.detach()), 0, self.bad_run + 1)
-        fatal = (self.bad_step < 0) & (self.bad_run >= (10 if self.amp == "fp16" else 1))
-        self.bad_step = torch.where(fatal, self.step + 1, self.bad_step)
-        self.step, self.i, a = self.step + 1, self.i + 1, self.args
-        if self.step % a.log_every and self.i < self.steps_per_epoch:
-            return
-        if self.bad_step.item() >= 0:  # the same on every rank, so all of them stop here
-            fail(f"non-finite loss at step {self.bad_step.item()} (epoch {self.epoch + 1}); "
-                 f"stopping: {self.kept()}", status=1)
-        if self.rank == 0:
-            ips = self.i * a.batch_size / (time.time() - self.t0)
-            eta = (a.epochs * self.steps_per_epoch - self.step) * a.batch_size / ips / 60
-            means = "".join(f"{k} {(v / self.i).item():.4f} " for k, v in self.sums.items()
-                            if k != "loss")
-            lr = self.opt.param_groups[0]["lr"]
-            print(f"epoch {self.epoch + 1}/{a.epochs} step {self.step} loss {loss.item():.4f} "
-                  f"{means}lr {lr:.4g} {ips:.0f} img/s eta {eta:.1f} min")
-
-    def epoch_done(self):
-        """Non-finite weights check, the epoch's record, evaluation when due, checkpoint,
-        --stop-epoch."""
-        a, steps = self.args, self.steps_per_epoch
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.time() - self.t0
-        self.history["train_seconds"] += seconds
-        self.history["train_images"] += steps * a.batch_size
-        self.epoch += 1
-        bad = [k for k, v in self.model.state_dict().items()
-               if v.is_floating_point() and not v.isfinite().all()]
-        if bad:  # a blown-up last update can leave NaN weights after a finite loss; DDP: all ranks
-            fail(f"non-finite weights after epoch {self.epoch} ({len(bad)} tensors, e.g. {bad[0]});"
-                 f" stopping: {self.kept()}", status=1)
-        if self.rank == 0:
-            self.log(event="epoch", epoch=self.epoch, step=self.step,
-                     **{k: (v / steps).item() for k, v in self.sums.items()},
-                     lr=self.opt.param_groups[0]["lr"], seconds=seconds,
-                     images_per_sec=steps * a.batch_size / seconds)
-            if a.eval_every and self.epoch % a.eval_every == 0 and self.epoch < a.epochs:
-                self.evaluate(self.epoch)
-            rng = {"torch": torch.get_rng_state(), "data": self.g.get_state().cpu(),
-                   "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}
-            state = {"method": METHOD, "args": dataclasses.asdict(a),
-                     "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                     "scaler": self.scaler.state_dict(),
-                     "epoch": self.epoch, "step": self.step, "history": self.history, "rng": rng}
-            save_atomic(os.path.join(self.dir, "checkpoint.pt"), lambda f: torch.save(state, f))
-            self.last_good = self.epoch
-        if a.stop_epoch is not None and a.stop_epoch <= self.epoch < a.epochs:
-            if self.rank == 0:
-                print(f"stopped after epoch {self.epoch} (--stop-epoch); resume with "
-                      f"--resume {self.dir}/checkpoint.pt")
-            raise SystemExit(0)
-
-    def evaluate(self, epoch):
-        """k-NN on backbone features and the method's own analysis; logged and printed."""
-        ex = lambda x: common.extract(self.backbone, x, self.norm, self.device, self.amp_dtype)
-        self.feats = ex(self.train_x), ex(self.test_x)  # kept for the final linear probe
-        knn = common.knn_accuracy(self.feats[0], self.train_y, self.feats[1], self.test_y,
-                                  len(self.data.classes), self.args.knn_k, self.args.knn_t)
-        out = {"event": "eval", "epoch": epoch, "step": self.step, "knn_acc": knn,
-               **self.analyse(epoch, self.feats[1])}
-        self.log(**out)
-        fmt = lambda v: (" ".join(f"{u:.3f}" for u in v) if isinstance(v, list) else
-                         f"{v:.4f}" if isinstance(v, float) else f"{v}")
-        print(" ".join(f"{k} {fmt(v)}" for k, v in out.items()))
-        if epoch == 0:
-            self.history["init"] = {k: out[k] for k in list(out)[3:]}  # all but event, epoch, step
-        return out
-
-    def finish(self):
-        """Rank 0: final k-NN and analysis, the linear probe, backbone.pt and summary.json."""
-        if self.rank > 0:
-            raise SystemExit(0)  # training is done; rank 0 evaluates alone
-        a, h, d, final = self.args, self.history, self.data, self.evaluate(self.args.epochs)
-        linear = common.linear_probe(self.feats[0], self.train_y, self.feats[1], self.test_y,
-                                     len(self.data.classes), a.linear_epochs, a.seed)
-        save_atomic(os.path.join(self.dir, "backbone.pt"),
-                    lambda f: torch.save(self.backbone.state_dict(), f))
-        summary = {"knn_acc": final["knn_acc"], "linear_acc": linear, "init": h.get("init"),
-                   "epochs": a.epochs, "normalization": {"mean": d.mean, "std": d.std},
-                   "images_per_sec": h["train_images"] / max(h["train_seconds"], 1e-9),
-                   **{k: final[k] for k in list(final)[4:]}}  # the method's analysis
-        self.log(event="final", **summary)
-        save_atomic(os.path.join(self.dir, "summary.json"),
-                    lambda f: f.write(json.dumps(summary, indent=2).encode()))
-        print(f"done: knn_acc {summary['knn_acc']:.4f} linear_acc {linear:.4f} (random init: "
-              f"knn_acc {h['init']['knn_acc']:.4f}) -> {self.dir}")
-# ========================================================================== shared plumbing: END
-
+# ============================================================================== shared region: END
 
 
 if __name__ == "__main__":
-    args, ckpt = parse_args()
-    run = Run(args, ckpt)  # torchrun, device, AMP, seed, data (see the shared plumbing)
-    size, norm = run.size, run.norm
+    args, ckpt = common.parse_args(Args, METHOD, METHOD_LIMITS)  # --resume: its args as defaults
+    run = common.Run(METHOD, args, ckpt)  # torchrun, device, AMP, seed, the data on the device
+    size, norm, B = run.size, run.norm, args.batch_size
     if args.supervised and len(run.train_y) != run.N:
-        fail(f"--supervised needs a label for every training image; {args.dataset} has unlabeled")
+        common.fail(f"--supervised needs a label for every training image; {args.dataset} has "
+                    "unlabeled ones")
     model = TransFusion(args, size).to(run.device, memory_format=torch.channels_last)
     groups = [{"params": model.backbone.parameters(), "mult": 1.0},
               {"params": model.head.parameters(), "mult": args.head_lr}]  # --head-lr
@@ -818,13 +386,15 @@ if __name__ == "__main__":
             return peak * (step + 1) / warmup
         return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
-    pair = torch.arange(args.batch_size, device=run.device).repeat(2)  # views: group = source image
+    pair = torch.arange(B, device=run.device).repeat(2)  # views: the group is the source image
     probe = common.class_sorted(run.test_y, 128)  # labelled images for the adjacency analysis
 
-    def analyse(epoch, test_f):
-        """Adjacency of every block on two fixed views of the probe images: same-class mass per
-        block; for the final block the mass on each row's partner view and the dead rows."""
-        u = run.rand(2, len(probe), seed=2)  # the same views at every evaluation
+    def evaluate(epoch):
+        """k-NN on the backbone's features, and the method's analysis: the adjacency of every
+        block on two fixed views of the probe images, its same-class mass per block; for the
+        final block the mass on each row's partner view and the dead rows; a figure."""
+        feats = run.features(model.backbone)
+        u = run.rand(2, len(probe), NU, seed=2)  # the same views at every evaluation
         views = norm(views_of(run.images(probe, run.test_x), u, args, size))  # (2n, 3, S, S)
         model.eval()
         with torch.no_grad(), run.autocast():
@@ -835,23 +405,25 @@ if __name__ == "__main__":
         mass, chance = common.same_class_mass(maps, y2)
         dead = dead_rows(maps[-1]).item()
         if dead > 0.5:
-            print(f"warning: {dead:.0%} of the final block's rows are dead (every ReLU score <= 0, "
-                  "no gradient); see the README on dead rows", file=sys.stderr)
+            common.warn(f"{dead:.0%} of the final block's rows are dead (every ReLU score <= 0, "
+                        "no gradient); see the README on dead rows")
         order = torch.sort(y2, stable=True).indices  # both views of each class together
         common.save_maps(run.figure(f"adjacency_epoch{epoch:04d}.png"),
                          maps[:, order][:, :, order], y2[order])
-        return {"same_class_adjacency": mass.tolist(), "same_class_chance": chance,
-                "partner_mass": partner_mass(maps[-1]).item(), "partner_chance": 1 / (len(y2) - 1),
-                "dead_rows": dead}
+        return run.report(epoch, feats, {
+            "same_class_adjacency": mass.tolist(), "same_class_chance": chance,
+            "partner_mass": partner_mass(maps[-1]).item(), "partner_chance": 1 / (len(y2) - 1),
+            "dead_rows": dead})
 
-    train_model = run.start(model, opt, scaler, model.backbone, analyse)  # resume or a new run dir
+    train_model = run.start(model, opt, scaler)  # resume, or a new run directory; DDP, compile
     if run.fresh:  # what the augmentation does, and the random-init baseline
         orig = run.images(torch.arange(0, run.N, max(1, run.N // 8))[:8])  # spread over the classes
-        views = views_of(orig, run.rand(2, len(orig)), args, size)  # view 1 of all, then view 2
+        views = views_of(orig, run.rand(2, len(orig), NU), args, size)  # view 1 of all, then view 2
         common.save_views(run.figure("views.png"), [orig.float() / 255, views])
-        run.evaluate(0)
+        evaluate(0)
     while run.epoch < args.epochs:
-        for idx, u in run.batches(2):  # the global batch and its views' uniforms (2, B, NU)
+        for idx in run.batches():  # this epoch's global batches, the same on every rank
+            u = torch.rand(2, B, NU, device=run.device, generator=run.g)  # every view's uniforms
             for group in opt.param_groups:
                 group["lr"] = get_lr(run.step) * group["mult"]
             views = norm(views_of(run.images(idx[run.shard]), u[:, run.shard], args, size))
@@ -865,5 +437,9 @@ if __name__ == "__main__":
             scaler.update()
             with torch.no_grad():  # is the final block alive? epoch means, printed at log steps
                 run.step_done(loss, dead_rows=dead_rows(A), partner_mass=partner_mass(A))
-        run.epoch_done()  # non-finite weights check, evaluation when due, checkpoint
-    run.finish()  # final k-NN, linear probe, backbone.pt, summary.json
+        run.epoch_done()  # non-finite weights check; the epoch's record in metrics.jsonl
+        if run.eval_due():  # rank 0, every --eval-every epochs
+            evaluate(run.epoch)
+        run.checkpoint()  # checkpoint.pt, atomically; ends the run here after --stop-epoch
+    if run.rank == 0:  # the final evaluation; the linear probe, backbone.pt, summary.json
+        run.finish(model.backbone, evaluate(args.epochs))

@@ -176,7 +176,7 @@ if __name__ == "__main__":
     bench = tyro.cli(Bench)
     device = torch.device(bench.device)
     if device.type == "cpu":
-        deepfusion.keep_freed_memory()  # as the training scripts do on CPU
+        common.keep_freed_memory()  # as the training scripts do on CPU
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     if bench.memory_of:  # child process: peak memory of one method's full step

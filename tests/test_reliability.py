@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+import common
 from conftest import METHODS, ROOT, TINY, assert_usage_error, run_cli, run_dir_of, run_patched
 
 
@@ -26,7 +27,7 @@ def _outside(lo, hi):
 def _limit_cases():
     for script in METHODS:
         mod = importlib.import_module(script[:-3])
-        for name, (lo, hi) in {**mod.LIMITS, **mod.METHOD_LIMITS}.items():
+        for name, (lo, hi) in {**common.LIMITS, **mod.METHOD_LIMITS}.items():
             for value in _outside(lo, hi):
                 yield script, name, value
 
@@ -37,7 +38,7 @@ def test_every_numeric_flag_outside_its_range_is_one_line_and_status_2(script, n
     default = getattr(mod.Args(), name)
     v = (value, value) if isinstance(default, tuple) else value
     with pytest.raises(SystemExit) as e:
-        mod.check_args(mod.Args(**{name: v}))
+        common.check_args(mod.Args(**{name: v}), mod.METHOD_LIMITS)
     lines = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: --" + name.replace("_", "-"))
 
@@ -45,10 +46,11 @@ def test_every_numeric_flag_outside_its_range_is_one_line_and_status_2(script, n
 @pytest.mark.parametrize("script", METHODS)
 def test_defaults_and_the_ends_of_every_range_are_accepted(script):
     mod = importlib.import_module(script[:-3])
-    mod.check_args(mod.Args())
-    for name, (lo, hi) in {**mod.LIMITS, **mod.METHOD_LIMITS}.items():
+    common.check_args(mod.Args(), mod.METHOD_LIMITS)
+    for name, (lo, hi) in {**common.LIMITS, **mod.METHOD_LIMITS}.items():
         for v in (lo, hi):
-            mod.check_args(mod.Args(**{name: (v, v) if isinstance(getattr(mod.Args(), name), tuple) else v}))
+            v = (v, v) if isinstance(getattr(mod.Args(), name), tuple) else v
+            common.check_args(mod.Args(**{name: v}), mod.METHOD_LIMITS)
 
 
 @pytest.mark.parametrize("script,args,words", [
