@@ -127,7 +127,8 @@ def test_changed_folder_rebuilds_the_cache(tmp_path):
     assert len(common.load_dataset("imagefolder", str(tmp_path), image_size=8).train_x) == 6
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "shape", "dtype", "version", "key"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "two bytes", "shape", "dtype",
+                                    "version", "key", "pixels"])
 def test_corrupt_cache_is_rebuilt_with_a_warning(tmp_path, capsys, damage):
     _folder(tmp_path)
     good = common.load_dataset("imagefolder", str(tmp_path), image_size=8)
@@ -137,6 +138,16 @@ def test_corrupt_cache_is_rebuilt_with_a_warning(tmp_path, capsys, damage):
         path.write_bytes(path.read_bytes()[:200])
     elif damage == "garbage":
         path.write_bytes(b"\x80\x02 not a cache")
+    elif damage in ("empty", "two bytes"):  # a crash or a full disk; torch.load's error is empty
+        path.write_bytes(b"PK"[: 2 * (damage == "two bytes")])
+    elif damage == "pixels":  # bytes flipped inside the stored pixels: torch.load does not notice
+        data = bytearray(path.read_bytes())
+        at = data.find(saved["x"].numpy().tobytes()[:64])
+        assert at > 0
+        for i in range(at + 5, at + 45, 7):
+            data[i] ^= 0xFF
+        path.write_bytes(bytes(data))
+        assert not torch.equal(torch.load(path, weights_only=True)["x"], saved["x"])
     else:
         saved |= {"shape": {"x": saved["x"][:2]}, "dtype": {"x": saved["x"].float()},
                   "version": {"version": -1}, "key": {"key": "0" * 64}}[damage]
@@ -147,6 +158,38 @@ def test_corrupt_cache_is_rebuilt_with_a_warning(tmp_path, capsys, damage):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unusable" in err and "rebuilding" in err
     assert torch.equal(torch.load(path, weights_only=True)["x"], good.train_x)  # rewritten
+
+
+def test_an_edited_file_with_its_size_and_mtime_kept_rebuilds_the_cache(tmp_path):
+    """cp -p or rsync -a of an edited image: the same byte size and mtime, other pixels."""
+    for split in ("train", "test"):
+        for c, colour in zip(("a", "b"), COLOURS):
+            os.makedirs(tmp_path / split / c)
+            Image.new("RGB", (12, 10), colour).save(tmp_path / split / c / "0.bmp")
+    first = common.load_dataset("imagefolder", str(tmp_path), image_size=8).train_x
+    path = tmp_path / "train" / "a" / "0.bmp"
+    st = os.stat(path)
+    edited = tmp_path / "edited.bmp"
+    Image.new("RGB", (12, 10), (7, 7, 7)).save(edited)
+    assert os.path.getsize(edited) == st.st_size
+    path.write_bytes(edited.read_bytes())
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # as cp -p leaves it
+    assert os.stat(path).st_mtime_ns == st.st_mtime_ns and os.path.getsize(path) == st.st_size
+    again = common.load_dataset("imagefolder", str(tmp_path), image_size=8).train_x
+    assert (again[0] == 7).all() and torch.equal(again[1], first[1])  # the new pixels
+
+
+def test_dangling_links_are_one_line_and_odd_names_are_read(tmp_path):
+    _folder(tmp_path)
+    odd = os.fsdecode(b"\xff\xfe-not-utf8.png")  # a name that is not valid UTF-8
+    Image.new("RGB", (12, 10), COLOURS[1]).save(os.path.join(tmp_path, "train", "b", odd))
+    d = common.load_dataset("imagefolder", str(tmp_path), image_size=8)
+    assert len(d.train_x) == 7 and d.train_y.tolist().count(1) == 4  # read, cached, labelled
+    assert len(common.load_dataset("imagefolder", str(tmp_path), image_size=8).train_x) == 7
+    (tmp_path / "train" / "a" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(common.UsageError, match="target is missing") as e:
+        common.load_dataset("imagefolder", str(tmp_path), image_size=8)
+    assert "gone.png" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_other_size_other_cache_file(tmp_path):
@@ -280,7 +323,7 @@ def test_tiny_imagenet_wrong_checksum_missing_and_offline(tmp_path, monkeypatch,
     archive, md5, _ = _fake_tiny_imagenet(tmp_path)
     monkeypatch.setattr(common, "TINY_IMAGENET_URL", f"{serve(archive.parent)}/{archive.name}")
     monkeypatch.setattr(common, "TINY_IMAGENET_MD5", "0" * 32)
-    with pytest.raises(common.UsageError, match="tinyimagenet not found or corrupted") as e:
+    with pytest.raises(common.UsageError, match="tinyimagenet not found or corrupted.*has MD5 " + md5) as e:
         common.load_dataset("tinyimagenet", str(tmp_path / "data"))
     assert "\n" not in str(e.value) and not (tmp_path / "data" / "tiny-imagenet-200").exists()
     with pytest.raises(common.UsageError, match="not found.*no-download"):
@@ -289,6 +332,38 @@ def test_tiny_imagenet_wrong_checksum_missing_and_offline(tmp_path, monkeypatch,
     with pytest.raises(common.UsageError, match="could not download tinyimagenet") as e:
         common.load_dataset("tinyimagenet", str(tmp_path / "offline"))
     assert "\n" not in str(e.value)
+
+
+def _unpacked_tiny_imagenet(tmp_path):
+    """The extracted layout, as a finished download leaves it, in tmp_path/data."""
+    archive, _, _ = _fake_tiny_imagenet(tmp_path)
+    with zipfile.ZipFile(archive) as z:
+        z.extractall(tmp_path / "data")
+    return tmp_path / "data" / "tiny-imagenet-200" / "val" / "val_annotations.txt"
+
+
+def test_tiny_imagenet_annotations_two_columns_crlf_missing_and_empty(tmp_path):
+    annotations = _unpacked_tiny_imagenet(tmp_path)
+    rows = [line.split("\t")[:2] for line in annotations.read_text().splitlines()]
+    annotations.write_bytes("".join(f"{n}\t{w}\r\n" for n, w in rows).encode())  # 2 columns, CRLF
+    d = common.load_dataset("tinyimagenet", str(tmp_path / "data"), download=False, cache=False)
+    assert d.test_y.tolist() == [int(w[-1]) - 1 for _, w in rows]
+    annotations.write_text("".join(f"{n}\t{w}\n" for n, w in rows) + "val_99.JPEG\tn01\n")
+    with pytest.raises(common.UsageError, match="1 image.s. that do not exist.*val_99") as e:
+        common.load_dataset("tinyimagenet", str(tmp_path / "data"), download=False)
+    assert "\n" not in str(e.value)
+    annotations.write_text("")
+    with pytest.raises(common.UsageError, match="lists no images"):
+        common.load_dataset("tinyimagenet", str(tmp_path / "data"), download=False)
+
+
+def test_a_tiny_imagenet_zip_with_another_checksum_is_named(tmp_path, monkeypatch):
+    archive, md5, _ = _fake_tiny_imagenet(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / archive.name).write_bytes(archive.read_bytes()[:-100])  # cut short
+    monkeypatch.setattr(common, "TINY_IMAGENET_URL", "http://127.0.0.1:9/tiny-imagenet-200.zip")
+    with pytest.raises(common.UsageError, match="has MD5 [0-9a-f]{32}, not " + common.TINY_IMAGENET_MD5):
+        common.load_dataset("tinyimagenet", str(tmp_path / "data"))
 
 
 # ----------------------------------------------------------------------------- place and batch

@@ -3,11 +3,14 @@ with the whole batch: the same loss, gradients and parameters, and the same outp
 
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import METHODS, run_cli, run_dir_of
+from conftest import DRIVER, METHODS, ROOT, run_cli, run_dir_of
 
 # One optimizer step: 16 images, global batch 16 (8 per process); fp32; BatchNorm over the global batch
 # (per-process statistics differ from one process's by design, so --sync-bn is what makes them equal).
@@ -102,3 +105,38 @@ def test_failed_download_under_torchrun_is_one_error_line(tmp_path):
     errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "could not download cifar10" in errors[0], p.stderr[-3000:]
     assert "[rank" not in p.stderr  # no worker traceback (torchrun's own summary may follow)
+
+
+def test_a_failed_write_on_rank_0_ends_every_rank_at_once(tmp_path):
+    # rank 0 writes alone while the others wait for it: its failure must reach them (one error line,
+    # no tracebacks of theirs), not leave them at the next collective until its timeout
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    flags = [*ONE_STEP, "--epochs", "3", "--head-layers", "1", "--output-dir", tmp_path / "runs"]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        driver, os.path.join(ROOT, "deepfusion.py"), "save", "2", *map(str, flags)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": ROOT})
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert p.returncode != 0 and len(errors) == 1 and "could not write" in errors[0], p.stderr[-3000:]
+    assert "[rank1]" not in p.stderr  # rank 1 ended quietly (torchrun's own summary may follow)
+
+
+def test_sigterm_under_torchrun_saves_where_every_rank_stopped(tmp_path):
+    flags = [*ONE_STEP, "--num-samples", "128", "--epochs", "2", "--head-layers", "1", "--log-every", "1"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    proc = subprocess.Popen([*launcher, os.path.join(ROOT, "deepfusion.py"), *flags, "--output-dir",
+                             str(tmp_path / "part")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"})
+    while "step 2 " not in proc.stdout.readline():
+        pass
+    proc.send_signal(signal.SIGTERM)  # to torchrun, which passes it to every process
+    _, err = proc.communicate(timeout=120)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "terminated (SIGTERM) at step" in errors[0], err[-3000:]
+    assert "[rank" not in err
+    p = run_cli("deepfusion.py", "--resume", errors[0].split("--resume ")[1], processes=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    whole = _run("deepfusion.py", tmp_path / "whole", 2, *flags)
+    a, b = _checkpoints(whole, run_dir_of(tmp_path / "part"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # the same run, bit for bit
