@@ -606,10 +606,12 @@ def class_sorted(y, n):
 
 
 def save_maps(path, maps, y, cell=2):
-    """Save (L, n, n) non-negative matrices, rows and columns sorted by class label y (n,), side by
-    side as one PNG. Each panel is scaled to its own maximum (square root for contrast); thin red
-    lines mark the class boundaries, so mass inside the diagonal blocks is same-class mass."""
-    maps = maps.detach().float().cpu()
+    """Save (L, n, n) non-negative matrices side by side as one PNG, rows and columns sorted by
+    the class labels y (n,) (stable: samples keep their order within a class). Each panel is
+    scaled to its own maximum (square root for contrast); thin red lines mark the class
+    boundaries, so mass inside the diagonal blocks is same-class mass."""
+    order = torch.sort(y, stable=True).indices
+    maps, y = maps.detach().float()[:, order][:, :, order].cpu(), y[order]
     maps = (maps / maps.amax((1, 2), keepdim=True).clamp_min(1e-12)).sqrt()
     img = maps[:, None].repeat(1, 3, 1, 1)  # (L, 3, n, n) grey
     edges = (y[1:] != y[:-1]).nonzero().flatten().cpu() + 1
@@ -665,8 +667,11 @@ class RunArgs:
     the device if they fit)"""
     image_size: Optional[int] = None
     """resize images to this side length (default: native size; 32 for image folders)"""
-    backbone: Literal["resnet18", "resnet50"] = "resnet18"
-    """torchvision ResNet; images <= 64 px get the CIFAR stem (3x3 conv, no max-pool)"""
+    backbone: Literal["resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base"] = "resnet18"
+    """torchvision ResNet (images <= 64 px get the CIFAR stem: 3x3 conv, no max-pool), or a Vision
+    Transformer: tiny (width 192, 3 heads), small (384, 6), base (768, 12), 12 blocks each"""
+    patch_size: Optional[int] = None
+    """ViT patch side (default 4 at <= 32 px, 8 at <= 64 px, else 16: for CIFAR pick 4 or 8)"""
     num_samples: Optional[int] = None
     """use a seeded, class-balanced subset of N training images (default: all)"""
     batch_size: int = 512
@@ -699,14 +704,17 @@ class RunArgs:
     """stop after this epoch as if interrupted, keeping the checkpoint (for testing --resume)"""
     sync_bn: bool = False
     """under torchrun: backbone BatchNorm statistics over the global batch, not each rank's shard"""
+    clip_grad: float = 0.0
+    """clip the gradient's norm over all parameters to this (0: off; BAM's ViT recipe: 0.3)"""
 
 
 # Every generic numeric flag's accepted range, both ends included (each method file passes its
 # own table too). Upper bounds keep a typo from exhausting memory or overflowing.
-LIMITS = {"image_size": (8, 1024), "num_samples": (1, 10**9), "batch_size": (2, 1 << 16),
+LIMITS = {"image_size": (8, 1024), "patch_size": (1, 1024), "num_samples": (1, 10**9),
+          "batch_size": (2, 1 << 16),
           "epochs": (1, 100_000), "seed": (0, 2**32 - 3), "eval_every": (0, 100_000),
           "linear_epochs": (1, 100_000), "knn_k": (1, 100_000), "knn_t": (1e-4, 100.0),
-          "log_every": (1, 10**9), "stop_epoch": (1, 100_000)}
+          "log_every": (1, 10**9), "stop_epoch": (1, 100_000), "clip_grad": (0.0, 1e6)}
 CHECKPOINT_KEYS = {"method", "args", "model", "optimizer", "scaler", "epoch", "step", "history",
                    "rng"}
 
@@ -802,6 +810,18 @@ def parse_args(Args, method, limits):
                      f"so far used {ckpt['args'][name]}")
     check_args(args, limits)
     return args, ckpt
+
+
+def param_groups(module, weight_decay, **extra):
+    """The optimiser's groups of a module's trainable parameters: the weights, with weight decay,
+    and what weight decay should not shrink (biases and norms, ndim <= 1, and a ViT's class token)
+    without; "decay" says which is which (for a schedule). extra: more keys for both groups."""
+    groups = [{"params": [], "weight_decay": weight_decay, "decay": True, **extra},
+              {"params": [], "weight_decay": 0.0, "decay": False, **extra}]
+    for name, p in module.named_parameters():
+        if p.requires_grad:  # a ViT's fixed sin-cos position table is not trained
+            groups[p.ndim <= 1 or name.endswith("class_token")]["params"].append(p)
+    return groups
 
 
 def keep_freed_memory():
@@ -915,6 +935,7 @@ class Run:
         self.amp = {"auto": "off" if dev.type == "cpu" else
                     "bf16" if torch.cuda.is_bf16_supported() else "fp16"}.get(args.amp, args.amp)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[self.amp]
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=self.amp == "fp16")  # fp16 only
         torch.manual_seed(args.seed)  # the same on every rank: initial weights, order, views
         self.g = torch.Generator(dev).manual_seed(args.seed)  # data order and augmentation
         try:  # rank 0 loads (downloads) first, then the others
@@ -970,16 +991,34 @@ class Run:
         g = torch.Generator(self.device).manual_seed(self.args.seed + seed)
         return torch.rand(*shape, device=self.device, generator=g)
 
+    def clip_gradients(self, opt, model):  # --clip-grad: the gradients' norm over all parameters
+        if self.args.clip_grad:  # at most that, measured unscaled (fp16: the GradScaler's scale)
+            self.scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(model.parameters(), self.args.clip_grad)
+
+    @contextlib.contextmanager
+    def frozen(self, model):  # for an analysis: eval mode, no gradient, under --amp
+        model.eval()
+        with torch.no_grad(), self.autocast():
+            yield
+        model.train()
+
     def figure(self, name):
         return os.path.join(self.dir, "figures", name)
 
-    def start(self, model, opt, scaler):
+    def spread(self, n):  # indices of n training images spread over the set (and its classes)
+        return torch.arange(0, self.N, max(1, self.N // n))[:n]
+
+    def save_views(self, x, *views):  # figures/views.png: uint8 images x above their views
+        save_views(self.figure("views.png"), [x.float() / 255, *views])
+
+    def start(self, model, opt):
         """Resume (weights, optimizer, scaler, counters, RNG, a mid-epoch position) or make a run
         directory; the module to train: under torchrun in DDP, with --compile compiled. Sets
         `fresh`: a new run, on rank 0."""
         global _active
         a, ckpt = self.args, self.ckpt
-        self.model, self.opt, self.scaler = model, opt, scaler
+        self.model, self.opt, scaler = model, opt, self.scaler
         if a.sync_bn:  # the backbone's BatchNorm over the global batch (heads see it already)
             for m in model.modules():
                 if type(m) is nn.BatchNorm2d:

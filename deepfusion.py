@@ -11,7 +11,6 @@ concentrates on samples of the same class, without labels. This file measures th
 attention mass per layer) and draws it. Only the backbone is kept for evaluation.
 
     python deepfusion.py --batch-size 512 --dataset cifar10
-    python deepfusion.py --dataset synthetic --epochs 1        # offline smoke run
     torchrun --nproc-per-node 8 deepfusion.py --batch-size 4096 --sync-bn   # the batch is global
 """
 
@@ -20,7 +19,6 @@ import math
 from typing import Literal, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -32,8 +30,7 @@ METHOD = "deepfusion"  # names the run directories; a checkpoint of another meth
 
 @dataclasses.dataclass
 class Args(common.RunArgs):
-    """Deep Fusion: SimCLR with a Transformer projection head over the batch. The generic flags
-    (data, device, AMP, output, resume, evaluation, torchrun) come from common.RunArgs."""
+    """Deep Fusion's flags and recipe; the generic ones come from common.RunArgs."""
 
     head: Literal["transformer", "ffn", "mlp"] = "transformer"
     """projection head: Transformer over the batch, depth-matched FFN baseline, or SimCLR's MLP"""
@@ -50,7 +47,7 @@ class Args(common.RunArgs):
     momentum: float = 0.9
     """SGD momentum"""
     weight_decay: float = 5e-4
-    """SGD weight decay"""
+    """SGD weight decay (not on biases and norms)"""
     warmup_epochs: int = 10
     """linear warm-up epochs before the cosine decay"""
     min_scale: Optional[float] = None
@@ -126,8 +123,8 @@ class Head(nn.Module):
 class DeepFusion(nn.Module):
     def __init__(self, args, image_size):
         super().__init__()
-        self.backbone, d = make_backbone(args.backbone, image_size)
-        self.head = Head(args.head, d, args.head_layers, args.head_heads, args.proj_dim)
+        self.backbone, self.width = make_backbone(args.backbone, image_size, args.patch_size)
+        self.head = Head(args.head, self.width, args.head_layers, args.head_heads, args.proj_dim)
 
     def forward(self, views):  # (2b, 3, S, S) this rank's views -> (2B, proj_dim) the global batch
         h = self.backbone(views.contiguous(memory_format=torch.channels_last))  # (2b, D)
@@ -145,39 +142,31 @@ def nt_xent(z, tau):
 
 
 def views_of(x, u, args, size):
-    """The two SimCLR views of B images, view-major: row v * B + i is view v of image i,
-    (2B, 3, size, size) in [0, 1]. u (2, B, NU): every view's uniforms."""
-    small = size <= 64
-    scale = (args.min_scale if args.min_scale is not None else (0.2 if small else 0.08), 1.0)
-    s = args.jitter_strength
+    """The two SimCLR views (2B, 3, size, size) of B images, view-major (row v * B + i: view v of
+    image i), in one augment call; u (2, B, NU): their draws."""
+    small, s = size <= 64, args.jitter_strength
     blur_p = args.blur_p if args.blur_p is not None else 0.5 * (not small)
-    kw = dict(scale=scale, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_p=args.jitter_p,
-              gray_p=args.gray_p, blur_p=blur_p)
-    return augment(x.repeat(2, 1, 1, 1), u.reshape(-1, NU), size, **kw)  # both views in one call
+    return augment(x.repeat(2, 1, 1, 1), u.reshape(-1, NU), size, (args.min_scale or (
+        0.2 if small else 0.08), 1.0), jitter=(0.8 * s,) * 3 + (0.2 * s,), jitter_p=args.jitter_p,
+        gray_p=args.gray_p, blur_p=blur_p)
 
 
 # Every numeric flag of the method, its accepted range (both ends included); see check_args.
 METHOD_LIMITS = {"head_layers": (0, 64), "head_heads": (1, 64), "proj_dim": (1, 1 << 16),
                  "tau": (1e-4, 100.0), "lr": (1e-9, 100.0), "momentum": (0.0, 1.0),
-                 "weight_decay": (0.0, 1.0), "warmup_epochs": (0, 100_000),
-                 "min_scale": (1e-4, 1.0), "jitter_strength": (1e-6, 10.0),
-                 "jitter_p": (0.0, 1.0), "gray_p": (0.0, 1.0), "blur_p": (0.0, 1.0)}
+                 "weight_decay": (0.0, 1.0),
+                 "warmup_epochs": (0, 100_000), "min_scale": (1e-4, 1.0),
+                 "jitter_strength": (1e-6, 10.0), "jitter_p": (0.0, 1.0), "gray_p": (0.0, 1.0),
+                 "blur_p": (0.0, 1.0)}
 
 
 # ============================================================================ shared region: BEGIN
-# Identical in deepfusion.py, transfusion.py and bam.py (tests/test_shared.py checks it): batched
-# augmentation kernels, the backbone and the gather over the global batch.
-# Augmentation: torchvision's SimCLR ops with per-sample parameters, as a few batched tensor ops.
-# Crop, resize, flip and blur are linear along each axis: one (size x H) matrix per axis and sample,
-# the view is Ry @ x @ Rx^T (a triangle filter, widened when downscaling: antialiased, like PIL).
-# Jitter and grayscale are one per-sample affine colour map x -> M x + o; hue is a rotation in YIQ
-# space (the usual GPU approximation of the HSV shift). In this linear form the four jitter ops
-# commute, so no random order is drawn (only torchvision's clamping after each op depends on it;
-# we clamp once, at the end). Boxes are not rounded to whole pixels; blur precedes the colour ops.
-# Randomness: each sample's row of NU uniforms, drawn for the global batch at once, so a view
-# depends on its image and its row alone (a torchrun rank augmenting its shard makes the views one
-# process would). Columns: crop (TRIES area tries, TRIES log-aspect tries, y, x), flip, blur, blur
-# sigma, colour (jitter on, brightness, contrast, saturation, hue, grayscale), solarize.
+# Identical in the three method files (tests/test_shared.py checks it): the batched augmentation,
+# the backbones (ResNet, ViT) and the gather over the global batch. A sample's draws are its row of
+# NU uniforms, drawn for the global batch at once: a view depends on its image and its row alone,
+# so a torchrun rank augmenting its shard makes one process's views. Columns: crop (TRIES area
+# tries, TRIES log-aspect tries, y, x), flip, blur, blur sigma, colour (jitter on, brightness,
+# contrast, saturation, hue, grayscale), solarize.
 
 GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 RGB2YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
@@ -186,22 +175,19 @@ U_CROP, U_COLOUR = 2 * TRIES + 2, 6
 NU = U_CROP + 3 + U_COLOUR + 1
 
 
-def colour_basis():
-    """(3, 3, 3): 1 g^T (every channel := grey level g^T x), I - 1 g^T (the chroma of x) and the
-    chroma rotated by 90 degrees in the (I, Q) plane: T^-1 [[0, 0, 0], [0, 0, -1], [0, 1, 0]] T."""
-    f64 = dict(dtype=torch.float64)
-    T, rot = torch.tensor(RGB2YIQ, **f64), torch.tensor([[0, 0, 0], [0, 0, -1], [0, 1, 0]], **f64)
-    grey = torch.ones(3, 1, **f64) * T[:1]
-    return torch.stack([grey, torch.eye(3, **f64) - grey, T.inverse() @ rot @ T]).float()
+def colour_basis(T=torch.tensor(RGB2YIQ, dtype=torch.float64)):
+    """(3, 3, 3): 1 g^T (every channel := the grey level g^T x), I - 1 g^T (the chroma) and the
+    chroma turned 90 degrees in YIQ's (I, Q) plane (hue: the usual GPU approximation of HSV's)."""
+    grey, rot = T[:1].expand(3, 3), torch.tensor([[0, 0, 0], [0, 0, -1], [0, 1, 0]]).to(T)
+    return torch.stack([grey, torch.eye(3).to(T) - grey, T.inverse() @ rot @ T]).float()
 
 
 COLOUR_BASIS = colour_basis()
 
 
 def crop_boxes(u, scale, ratio):
-    """RandomResizedCrop boxes from u (B, 2T + 2), fractions of the side: (y0, x0, h, w), each (B,).
-    As torchvision: area ~ U(scale), log aspect ~ U(log ratio); the first of T tries that fits,
-    else the whole image."""
+    """RandomResizedCrop boxes (y0, x0, h, w), each (B,), fractions of the side, from u (B, 2T + 2)
+    as torchvision: area ~ U(scale), log aspect ~ U(log ratio), the first of T tries that fits."""
     T = (u.shape[1] - 2) // 2
     area = scale[0] + (scale[1] - scale[0]) * u[:, :T]
     logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, T:2 * T]
@@ -213,9 +199,8 @@ def crop_boxes(u, scale, ratio):
 
 
 def resample_matrix(start, length, n_in, n_out, flip=None):
-    """Per-sample (n_out x n_in) matrices that resample [start, start + length) (fractions of the
-    side) onto n_out pixels with a triangle filter of width max(1, input px per output px); where
-    flip (B,) is true, in mirrored order."""
+    """Per-sample (n_out x n_in) matrices resampling [start, start + length) (fractions of the
+    side) to n_out px, a triangle filter of width max(1, input px per output px); flip: mirrored."""
     step = length * n_in / n_out  # input pixels per output pixel, (B,)
     pos = torch.arange(n_out, device=start.device) + 0.5  # output pixel centres
     if flip is not None:
@@ -231,8 +216,7 @@ def blur_matrix(sigma, n):
     """Per-sample (n x n) Gaussian blur matrices, kernel ~10% of the side, reflect padding."""
     r = max(1, int(0.1 * n) // 2)
     t = torch.arange(-r, r + 1, device=sigma.device)
-    k = torch.exp(-t[None] ** 2 / (2 * sigma[:, None] ** 2))
-    k = k / k.sum(1, keepdim=True)  # (B, 2r+1)
+    k = torch.softmax(-t[None] ** 2 / (2 * sigma[:, None] ** 2), 1)  # (B, 2r+1), normalised
     src = torch.arange(n, device=sigma.device)[:, None] + t[None]  # (n, 2r+1), reflect into [0, n)
     src = torch.where(src < 0, -src, torch.where(src >= n, 2 * (n - 1) - src, src))
     G = torch.zeros(len(sigma), n, n, device=sigma.device)
@@ -258,8 +242,10 @@ def colour_matrices(x, u, jitter, jitter_p, gray_p):
 
 def augment(x, u, size, scale, ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter=(0.4, 0.4, 0.4, 0.1),
             jitter_p=0.8, gray_p=0.2, blur_p=0.0, solarize_p=0.0):
-    """uint8 (B, 3, H, W) -> float (B, 3, size, size) in [0, 1]; sample i's crop box, flip, colour
-    jitter, grayscale, blur and solarisation all come from its uniforms u[i] (u: (B, NU))."""
+    """torchvision's SimCLR ops on uint8 (B, 3, H, W) -> float (B, 3, size, size) in [0, 1], sample
+    i's draws from u[i] (u: (B, NU)). Crop, resize, flip and blur are linear along each axis: the
+    view is Ry @ x @ Rx^T (per-sample matrices; a triangle filter, antialiased when downscaling);
+    jitter and grayscale are one colour map M x + o, where jitter ops commute (no order drawn)."""
     B, _, H, W = x.shape
     box, flip, blur, sigma, colour, solar = u.split((U_CROP, 1, 1, 1, U_COLOUR, 1), dim=1)
     y0, x0, h, w = crop_boxes(box, scale, ratio)
@@ -267,8 +253,7 @@ def augment(x, u, size, scale, ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter=(0.4, 0.
     if blur_p > 0:  # one sigma ~ U(0.1, 2) per sample for both axes, as torchvision's GaussianBlur
         Gb, blur = blur_matrix(0.1 + 1.9 * sigma[:, 0], size), blur[:, :, None] < blur_p
         Ry, Rx = torch.where(blur, Gb @ Ry, Ry), torch.where(blur, Gb @ Rx, Rx)
-    # columns, then rows, in the layouts that need no copies (fastest of four measured on one CPU
-    # thread); 1 / 255 folded into Rx
+    # columns, then rows, in the copy-free layouts (the fastest of four measured); 1 / 255 in Rx
     v = torch.bmm(x.reshape(B, 3 * H, W).float(), Rx.transpose(1, 2).contiguous().div_(255))
     v = torch.matmul(Ry[:, None], v.view(B, 3, H, size)).view(B, 3, size * size)
     M, o = colour_matrices(v.view(B, 3, size, size), colour, jitter, jitter_p, gray_p)
@@ -278,21 +263,66 @@ def augment(x, u, size, scale, ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter=(0.4, 0.
     return v
 
 
-def make_backbone(name, image_size):
-    """torchvision ResNet with fc = Identity; CIFAR stem for small images. -> (net, feature dim)."""
-    net = getattr(torchvision.models, name)()
-    if image_size <= 64:
-        net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
-    dim, net.fc = net.fc.in_features, nn.Identity()
-    return net, dim
+VITS = {"vit_tiny": (192, 3), "vit_small": (384, 12), "vit_base": (768, 12)}  # width, heads
+
+
+def make_backbone(name, image_size, patch=None, crops=()):
+    """-> (net, feature dim): a torchvision ResNet, fc = Identity (CIFAR stem at <= 64 px), or a
+    ViT with `patch` (default 4 / 8 / 16 at <= 32 / 64 / more px) for images and `crops` whose
+    sides are multiples of it."""
+    if name not in VITS:
+        net = getattr(torchvision.models, name)()
+        if image_size <= 64:
+            net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+        dim, net.fc = net.fc.in_features, nn.Identity()
+        return net, dim
+    patch = patch or (4 if image_size <= 32 else 8 if image_size <= 64 else 16)
+    if any(s < patch or s % patch for s in (image_size, *crops)):
+        common.fail(f"a ViT with --patch-size {patch} needs crop sides that are multiples of it, "
+                    f"not {', '.join(map(str, (image_size, *crops)))} px")
+    return ViT(name, image_size, patch), VITS[name][0]
+
+
+class ViT(torchvision.models.VisionTransformer):
+    """torchvision's ViT (12 blocks, MLP 4 x width) for crops of any side that is a multiple of the
+    patch; features: the class token after the final LayerNorm. As BAM's released code (MoCo v3's
+    recipe) the patch projection is frozen and the position table a fixed 2-D sin-cos one, [sin rw,
+    cos rw, sin cw, cos cw] at row r, column c, w_k = 10000^(-4k / D), 0 for the class token."""
+
+    def __init__(self, name, image_size, patch):
+        (D, heads), n = VITS[name], image_size // patch
+        super().__init__(image_size, patch, 12, heads, D, 4 * D, num_classes=1)
+        w = 10000.0 ** -(torch.arange(D // 4, dtype=torch.float64) * 4 / D)
+        r, c = [g.flatten()[:, None] * w for g in torch.meshgrid(
+            torch.arange(n), torch.arange(n), indexing="ij")]  # row, column of every patch
+        table = F.pad(torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], 1), (0, 0, 1, 0))
+        self.encoder.pos_embedding.requires_grad_(False).copy_(table[None])  # (1, 1 + n^2, D)
+        self.conv_proj.requires_grad_(False)
+        self.heads = nn.Identity()
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, D)
+        t = self.conv_proj(x)  # (B, D, H / p, W / p): a token per patch
+        pos = position_table(self.encoder.pos_embedding, t.shape[-2:])
+        t = torch.cat([self.class_token.expand(len(t), -1, -1), t.flatten(2).transpose(1, 2)], 1)
+        return self.encoder.ln(self.encoder.layers(t + pos))[:, 0]
+
+
+def position_table(pos, grid):
+    """pos (1, 1 + n^2, D) of the native n x n grid for a grid (gh, gw): unchanged at n x n, else
+    resized bicubically, antialiased (the released code's way), the class token's entry kept."""
+    n = math.isqrt(pos.shape[1] - 1)
+    if tuple(grid) == (n, n):
+        return pos
+    table = pos[:, 1:].reshape(1, n, n, -1).permute(0, 3, 1, 2)  # (1, D, n, n)
+    table = F.interpolate(table, size=tuple(grid), mode="bicubic", antialias=True)
+    return torch.cat([pos[:, :1], table.flatten(2).transpose(1, 2)], 1)
 
 
 def gather(h, views):
-    """Rows of every rank in the order one process with the whole batch has them, view-major over
-    the global batch: (views * b, D) on each of W ranks -> (views * W * b, D). Autograd-aware: each
-    rank computes the same loss over the global batch, so a rank's rows receive the sum of W equal
-    gradients, which DDP's averaging divides back: the step is the one-process step."""
-    if not (dist.is_available() and dist.is_initialized()):
+    """(views * b, D) rows on each of W ranks -> (views * W * b, D), as one process has them.
+    Autograd-aware: each rank computes the loss of the global batch, so a rank's rows get the sum
+    of W equal gradients, which DDP's averaging divides back."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return h
     parts = torch.distributed.nn.functional.all_gather(h)  # W x (views * b, D)
     return torch.stack(parts).unflatten(1, (views, -1)).transpose(0, 1).flatten(0, 2)
@@ -303,15 +333,14 @@ def gather(h, views):
 
 if __name__ == "__main__":
     args, ckpt = common.parse_args(Args, METHOD, METHOD_LIMITS)  # --resume: its args as defaults
-    width = {"resnet18": 512, "resnet50": 2048}[args.backbone]
-    if args.head == "transformer" and width % args.head_heads:
-        common.fail(f"--head-heads must divide the backbone width {width}, got {args.head_heads}")
     run = common.Run(METHOD, args, ckpt)  # torchrun, device, AMP, seed, the data on the device
     size, norm, B = run.size, run.norm, args.batch_size
     model = DeepFusion(args, size).to(run.device, memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                          weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp == "fp16")  # fp16 only
+    if args.head == "transformer" and model.width % args.head_heads:
+        common.fail(f"--head-heads must divide the backbone width {model.width}, got "
+                    f"{args.head_heads}")
+    opt = torch.optim.SGD(common.param_groups(model, args.weight_decay), lr=args.lr,
+                          momentum=args.momentum)  # no weight decay on biases and norms
     total, warmup = args.epochs * run.steps_per_epoch, args.warmup_epochs * run.steps_per_epoch
 
     def get_lr(step):  # linear warm-up, then cosine decay to 0; linear scaling: lr x batch / 256
@@ -329,20 +358,17 @@ if __name__ == "__main__":
         train_f, test_f = run.features(model.backbone)
         analysis = {}
         if args.head == "transformer" and args.head_layers > 0:
-            model.head.eval()
-            with torch.no_grad():
+            with run.frozen(model.head):
                 _, attn = model.head(test_f[probe], need_weights=True)  # (L, n, n)
-            model.head.train()
             mass, chance = common.same_class_mass(attn, run.test_y[probe])
             common.save_maps(run.figure(f"attention_epoch{epoch:04d}.png"), attn, run.test_y[probe])
             analysis = {"same_class_attention": mass.tolist(), "same_class_chance": chance}
         return run.report(epoch, (train_f, test_f), analysis)
 
-    train_model = run.start(model, opt, scaler)  # resume, or a new run directory; DDP, compile
-    if run.fresh:  # what the augmentation does, and the random-init baseline
-        orig = run.images(torch.arange(0, run.N, max(1, run.N // 8))[:8])  # spread over the classes
-        views = views_of(orig, run.rand(2, len(orig), NU), args, size)  # view 1 of all, then view 2
-        common.save_views(run.figure("views.png"), [orig.float() / 255, views])
+    train_model = run.start(model, opt)  # resume, or a new run directory; DDP, compile
+    if run.fresh:  # what the augmentation does (figures/views.png), and the random-init baseline
+        x = run.images(run.spread(8))  # 8 training images, spread over the classes
+        run.save_views(x, views_of(x, run.rand(2, 8, NU), args, size))  # view 1 of all, then 2
         evaluate(0)
     while run.epoch < args.epochs:
         for idx in run.batches():  # this epoch's global batches, the same on every rank
@@ -354,9 +380,10 @@ if __name__ == "__main__":
                 z = train_model(views)  # (2B, proj_dim): every rank has the global batch's outputs
             loss = nt_xent(z, args.tau)
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            run.scaler.scale(loss).backward()
+            run.clip_gradients(opt, model)  # --clip-grad (off by default)
+            run.scaler.step(opt)
+            run.scaler.update()
             run.step_done(loss)  # non-finite watch; a progress line every --log-every steps
         run.epoch_done()  # non-finite weights check; the epoch's record in metrics.jsonl
         if run.eval_due():  # rank 0, every --eval-every epochs

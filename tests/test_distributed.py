@@ -43,9 +43,12 @@ def _files(run):
     return sorted(os.path.relpath(os.path.join(d, f), run) for d, _, fs in os.walk(run) for f in fs)
 
 
-@pytest.mark.parametrize("script", METHODS)
-def test_two_processes_take_the_one_process_step(script, tmp_path):
-    flags = [*ONE_STEP, *METHODS[script]["fast"]]
+VIT = ["--backbone", "vit_tiny", "--patch-size", "4"]  # 16 px images: 4 x 4 tokens (locals: 2 x 2)
+
+
+@pytest.mark.parametrize("script,backbone", [(s, []) for s in METHODS] + [("bam.py", VIT)])
+def test_two_processes_take_the_one_process_step(script, backbone, tmp_path):
+    flags = [*ONE_STEP, *METHODS[script]["fast"], *backbone]
     one = _run(script, tmp_path / "one", 1, *flags)
     two = _run(script, tmp_path / "two", 2, *flags)
     # Tolerances: float32 summation order. Two one-process runs with 1 and 2 threads differ as much:
