@@ -5,7 +5,8 @@ training loop). This module holds what a training script needs around it, nothin
 in three sections, as DINO's utils.py serves main_dino.py:
 - data: datasets as whole uint8 tensors (N, 3, H, W) with int64 labels (torchvision's downloads,
   image folders with a decoded cache, Tiny-ImageNet, a synthetic set), class-balanced subsets,
-  placement in device memory or in pinned host memory (up to the host's RAM: no streaming);
+  placement in device memory or in pinned host memory; image folders larger than memory as a
+  store on disk (DiskImages) read batch by batch, the next batch read ahead;
 - metrics: backbone features, weighted k-NN, the linear probe, same-class mass, figures;
 - run: generic flags, argument checks, CLI parsing with resume, torchrun/device/AMP set-up, the
   run directory and its logs, atomic writes, checkpoints, the non-finite watch, Ctrl-C.
@@ -70,16 +71,16 @@ def _env_rank():  # this process's torchrun rank, for who prints (0 when unset o
 _warned = set()
 
 
-def warn(message, kind="warning"):
-    """One line on stderr from rank 0, once per message (not warnings.warn: PYTHONWARNINGS=ignore
-    hides it). kind "note": a fact about the run that the user may not expect."""
-    if message not in _warned and _env_rank() == 0:
+def warn(message, kind="warning", once=True):
+    """One line on stderr from rank 0, once per message unless not `once` (not warnings.warn:
+    PYTHONWARNINGS=ignore hides it). kind "note": a fact about the run the user may not expect."""
+    if not (once and message in _warned) and _env_rank() == 0:
         _warned.add(message)
         print(f"{kind}: {message}", file=sys.stderr)
 
 
-def note(message):
-    warn(message, "note")
+def note(message, once=True):
+    warn(message, "note", once)
 
 
 @dataclasses.dataclass
@@ -98,7 +99,7 @@ class Data:
 
 
 def load_dataset(name, data_dir, download=True, image_size=None, num_samples=None, *, seed=0,
-                 cache=True):
+                 cache=True, disk="auto"):
     """Load a dataset into memory. Raises UsageError with a one-line reason on bad input.
 
     name: one of DATASETS. image_size: resize to this side (None: the native size; folders 32).
@@ -106,18 +107,27 @@ def load_dataset(name, data_dir, download=True, image_size=None, num_samples=Non
     with `seed`), in their original order, for pretraining and the labelled train split.
     STL-10 pretrains on train + unlabeled (the usual choice; with num_samples, train only); its
     k-NN/linear split is train/test. cache: keep the decoded images of image folders and
-    Tiny-ImageNet in DIR/.cache for a fast next start (False: neither read nor write it).
+    Tiny-ImageNet in DIR/.cache for a fast next start (False: neither read nor write it). disk:
+    an image folder is read from a store on disk (DiskImages) instead of memory: True, False, or
+    "auto" (when its decoded images would take more than half the host's available memory).
     """
     if name == "synthetic":
         train_x, train_y, test_x, test_y, classes = _synthetic(image_size or 32)
         extra_x = None
-    elif name == "imagefolder":
-        size = image_size or 32
-        train_x, train_y, classes = _image_folder(data_dir, "train", size, cache)
-        extra_x = None
-        test_x, test_y, test_classes = _image_folder(data_dir, "test", size, cache)
+    elif name == "imagefolder":  # DIR/train/<class>/*, and DIR/test/<class>/* or DIR/val/<class>/*
+        size, extra_x = image_size or 32, None
+        test = "val" if os.path.isdir(os.path.join(data_dir, "val")) and not os.path.isdir(
+            os.path.join(data_dir, "test")) else "test"
+        (train_p, train_y, classes), (test_p, test_y, test_classes) = [
+            _image_files(os.path.join(data_dir, split)) for split in ("train", test)]
         if test_classes != classes:
-            raise UsageError(f"{data_dir}/train and {data_dir}/test have different class folders")
+            raise UsageError(f"{data_dir}/train and {data_dir}/{test} have different class folders")
+        if disk == "auto":  # the decoded images against the host memory that is free
+            disk = 3 * size * size * (len(train_p) + len(test_p)) > _available_memory() / 2
+        read = _store if disk else _decode_cached
+        train_x, test_x = [read(p, size, data_dir, split, cache)
+                           for p, split in ((train_p, "train"), (test_p, test))]
+        train_y, test_y = torch.as_tensor(train_y), torch.as_tensor(test_y)
     elif name == "tinyimagenet":
         train_x, train_y, test_x, test_y, classes = _tiny_imagenet(data_dir, download,
                                                                    image_size or 64, cache)
@@ -126,6 +136,9 @@ def load_dataset(name, data_dir, download=True, image_size=None, num_samples=Non
         train_x, train_y, test_x, test_y, extra_x, classes = _torchvision(name, data_dir, download)
     else:
         raise UsageError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    if disk is True and name != "imagefolder":
+        raise UsageError(f"--data-on disk reads image folders (--dataset imagefolder); {name} is "
+                         "loaded into memory (--data-on auto, device or host)")
 
     if num_samples is not None:
         if num_samples < 1:
@@ -134,16 +147,28 @@ def load_dataset(name, data_dir, download=True, image_size=None, num_samples=Non
             note(f"--num-samples {num_samples} is more than the {len(train_y)} training images; "
                  "using all of them")
         keep = balanced_subset(train_y, num_samples, seed)
-        train_x, train_y, extra_x = train_x[keep], train_y[keep], None
+        train_x = train_x.take(keep) if isinstance(train_x, DiskImages) else train_x[keep]
+        train_y, extra_x = train_y[keep], None
     pretrain_x = train_x if extra_x is None else torch.cat([train_x, extra_x])
     if image_size is not None and pretrain_x.shape[-1] != image_size:
         pretrain_x, test_x = resize(pretrain_x, image_size), resize(test_x, image_size)
-    train_x = pretrain_x[: len(train_y)]
+    train_x = pretrain_x if len(pretrain_x) == len(train_y) else pretrain_x[: len(train_y)]
 
-    sample = pretrain_x[:10_000].float() / 255  # statistics of (at most) the first 10k images
-    mean, std = sample.mean((0, 2, 3)), sample.std((0, 2, 3)).clamp_min(1e-3)
+    mean, std = channel_statistics(pretrain_x)
     return Data(pretrain_x, train_x, train_y, test_x, test_y, list(classes),
-                tuple(mean.tolist()), tuple(std.tolist()))
+                tuple(mean.tolist()), tuple(std.clamp_min(1e-3).tolist()))
+
+
+def channel_statistics(x, n=10_000, part=1000):
+    """Per-channel mean and std in [0, 1] of the first n images of x (a uint8 tensor or
+    DiskImages), read in parts, summed in float64: the same numbers from memory and from disk."""
+    n, sums = min(n, len(x)), torch.zeros(2, 3, dtype=torch.float64)
+    for i in range(0, n, part):
+        v = x[i:min(i + part, n)].double() / 255
+        sums += torch.stack([v.sum((0, 2, 3)), v.square().sum((0, 2, 3))])
+    count = n * x.shape[2] * x.shape[3]
+    var = (sums[1] - sums[0] ** 2 / count) / max(count - 1, 1)
+    return sums[0] / count, var.clamp_min(0).sqrt()
 
 
 def load_on_ranks(rank, world, *args, **kwargs):
@@ -340,13 +365,6 @@ def _read_image(path):
     return img.convert("RGB")
 
 
-def _image_folder(data_dir, split, size, cache):
-    """data_dir/split/<class>/* -> uint8 (N, 3, size, size), labels, classes."""
-    paths, labels, classes = _image_files(os.path.join(data_dir, split))
-    x = _decode_cached(paths, size, data_dir, split, cache)
-    return x, torch.as_tensor(labels, dtype=torch.int64), classes
-
-
 def _decode(paths, size, chunk=64):
     """Image files -> uint8 (N, 3, size, size): shorter side resized to `size`, then centre-cropped.
     Threads share the work: PIL releases the GIL while it decodes and resizes."""
@@ -375,19 +393,10 @@ def _decode(paths, size, chunk=64):
     return x
 
 
-def _decode_cached(paths, size, home, split, cache):
-    """_decode(paths, size), kept in home/.cache/<split>-<size>-<key>.pt between runs.
-
-    The key hashes the format version, the size, the versions of the libraries that decode and
-    resize, and each file's name (relative to home), byte size, mtime, ctime and inode: adding,
-    removing, renaming or writing a file gives another key, so the cache is rebuilt (POSIX sets
-    ctime on every write, and no tool sets it back: cp -p and rsync -a keep only the mtime). A
-    torch.save file rather than .npy: it holds the key, a SHA-256 of the pixels and the tensor,
-    and is read with weights_only=True, so a planted file runs no code. Version, key, dtype, shape
-    and the pixels' SHA-256 are checked on every load; a file that fails a check is rebuilt.
-    """
-    if not cache:
-        return _decode(paths, size)
+def _key(paths, size, home):
+    """What decoded images of these files depend on, hashed (SHA-256): the format version, the
+    size, the decoding libraries' versions, and each file's name relative to home, byte size,
+    mtime, ctime and inode (see _decode_cached for what that detects)."""
     from PIL import __version__ as pil_version
 
     h = hashlib.sha256(f"{CACHE_VERSION} {size} {torchvision.__version__} {pil_version}".encode())
@@ -398,7 +407,23 @@ def _decode_cached(paths, size, home, split, cache):
             raise UsageError(f"cannot read image {p!r}: {e.strerror}") from None
         h.update(b"\0" + os.fsencode(os.path.relpath(p, home))  # any bytes, not only UTF-8
                  + f"\0{s.st_size}\0{s.st_mtime_ns}\0{s.st_ctime_ns}\0{s.st_ino}".encode())
-    key = h.hexdigest()
+    return h.hexdigest()
+
+
+def _decode_cached(paths, size, home, split, cache):
+    """_decode(paths, size), kept in home/.cache/<split>-<size>-<key>.pt between runs.
+
+    The key (_key) hashes the format version, the size, the versions of the libraries that decode
+    and resize, and each file's name (relative to home), byte size, mtime, ctime and inode: adding,
+    removing, renaming or writing a file gives another key, so the cache is rebuilt (POSIX sets
+    ctime on every write, and no tool sets it back: cp -p and rsync -a keep only the mtime). A
+    torch.save file rather than .npy: it holds the key, a SHA-256 of the pixels and the tensor,
+    and is read with weights_only=True, so a planted file runs no code. Version, key, dtype, shape
+    and the pixels' SHA-256 are checked on every load; a file that fails a check is rebuilt.
+    """
+    if not cache:
+        return _decode(paths, size)
+    key = _key(paths, size, home)
     folder = os.path.join(home, ".cache")
     prefix = f"{split}-{size}-"
     path = os.path.join(folder, f"{prefix}{key[:16]}.pt")
@@ -461,6 +486,110 @@ def _sha256(x):
     return hashlib.sha256(x.contiguous().numpy().data).hexdigest()
 
 
+def _available_memory():
+    """Bytes of host memory available to this process (Linux: MemAvailable; else all of it)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/meminfo") as f:
+        return int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _store(paths, size, home, split, cache=True, chunk=1024):
+    """The images at size x size in home/.cache/store-<split>-<size>-<key>.u8, one uint8 (3, size,
+    size) record after another, read by DiskImages. Prepared once, in parallel (_decode), chunk by
+    chunk: each chunk is flushed to disk before the .json beside it counts it done, so a killed or
+    failed preparation continues where it stopped, and a store is read only when complete. The key
+    is the cache's (_key): a changed folder gets a new store (the old one is removed once the new
+    one is complete)."""
+    folder, key = os.path.join(home, ".cache"), _key(paths, size, home)
+    per, n = 3 * size ** 2, len(paths)
+    base = os.path.join(folder, f"store-{split}-{size}-{key[:16]}")
+    meta = {"version": CACHE_VERSION, "key": key, "n": n, "size": size, "done": 0}
+    with contextlib.suppress(OSError, ValueError), open(base + ".json") as f:
+        old = json.load(f)
+        if all(old.get(k) == meta[k] for k in ("version", "key", "n", "size")):
+            meta = old
+    try:  # a crash or a full disk can leave the file shorter than the chunks counted done
+        done = min(meta["done"], os.path.getsize(base + ".u8") // per // chunk * chunk, n)
+    except OSError:
+        done = 0
+    if done < n:
+        os.makedirs(folder, exist_ok=True)
+        need, free = (n - done) * per, shutil.disk_usage(folder).free
+        if need > free:
+            raise UsageError(f"the store of {home}/{split} needs {need / 1e9:.1f} GB in "
+                             f"{folder!r}, which has {free / 1e9:.1f} GB free; free space, or use "
+                             "a copy of the folder on a larger disk")
+        note(f"preparing {split} ({n} images of {size} px, {n * per / 1e9:.1f} GB) in {base}.u8"
+             + (f", from image {done} on" if done else ""), once=False)
+        fd, t0, shown = os.open(base + ".u8", os.O_WRONLY | os.O_CREAT, 0o644), time.time(), 0.0
+        try:
+            for start in range(done, n, chunk):
+                x = _decode(paths[start:start + chunk], size)
+                os.pwrite(fd, x.numpy().tobytes(), start * per)
+                os.fsync(fd)  # the pixels on disk before the count that says so
+                meta["done"] = start + len(x)
+                write_atomic(base + ".json", lambda f: f.write(json.dumps(meta).encode()))
+                if time.time() - shown > 10 or meta["done"] == n:  # progress, about every 10 s
+                    rate, shown = (meta["done"] - done) / (time.time() - t0), time.time()
+                    note(f"preparing {split}: {meta['done']} / {n} images, {rate:.0f} img/s, "
+                         f"{(n - meta['done']) / rate / 60:.1f} min to go", once=False)
+        except (OSError, RuntimeError) as e:  # a full disk: the chunks done so far are kept
+            raise UsageError(f"cannot write the store {base}.u8 ({getattr(e, 'strerror', e)}); "
+                             f"starting again continues at image {meta['done']}") from None
+        finally:
+            os.close(fd)
+        for name in os.listdir(folder):  # the stores of earlier versions of the folder
+            if name.startswith(f"store-{split}-{size}-") and not name.startswith(
+                    os.path.basename(base)):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(folder, name))
+    return DiskImages(base + ".u8", n, size)
+
+
+class DiskImages:
+    """uint8 images (N, 3, S, S) in a store on disk (_store), read by index: the host memory they
+    take is the batch being read (and one read ahead), not the dataset. x[idx] (a LongTensor or a
+    slice) -> a uint8 tensor; x.take(keep) -> a subset. prefetch(idx) starts reading the next batch
+    in a thread while the device trains on this one (Run.batches calls it). Reads are preads in a
+    pool of threads (they release the GIL); pinned buffers when the device is CUDA (pin)."""
+
+    def __init__(self, path, n, size, rows=None):
+        self.path, self.size = path, size
+        self.rows = torch.arange(n) if rows is None else rows  # records of the file, in order
+        self.shape, self.device, self.dtype = (len(self.rows), 3, size, size), "cpu", torch.uint8
+        self.nbytes, self.pin, self.ahead = math.prod(self.shape), False, None
+        self.fd = os.open(path, os.O_RDONLY)
+        self.readers, self.prefetcher = ThreadPoolExecutor(8), ThreadPoolExecutor(1)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, idx):
+        idx = torch.arange(len(self))[idx] if isinstance(idx, slice) else idx.cpu()
+        if self.ahead is not None and torch.equal(self.ahead[0], idx):  # read already, or reading
+            (_, future), self.ahead = self.ahead, None
+            return future.result()
+        return self._read(idx)
+
+    def take(self, keep):
+        return DiskImages(self.path, 0, self.size, self.rows[keep])
+
+    def prefetch(self, idx):
+        self.ahead = (idx.cpu(), self.prefetcher.submit(self._read, idx.cpu()))
+
+    def _read(self, idx):
+        out = torch.empty((len(idx), 3, self.size, self.size), dtype=torch.uint8,
+                          pin_memory=self.pin)
+        buf, per, rows = out.view(len(idx), -1).numpy(), 3 * self.size ** 2, self.rows[idx].tolist()
+
+        def read(i):
+            if os.preadv(self.fd, [buf[i]], rows[i] * per) != per:
+                raise UsageError(f"the store {self.path} is shorter than it should be: delete it")
+        for _ in self.readers.map(read, range(len(idx))):
+            pass
+        return out
+
+
 def _synthetic(size, n_train=512, n_test=256, n_classes=10):
     """Offline stand-in data: each class is a smooth random colour pattern; every image adds its
     own smooth variation, a random brightness and pixel noise. Learnable, not trivial; fixed."""
@@ -492,9 +621,12 @@ def place(x, device, where="auto", reserve=0.25, reserve_bytes=2 << 30):
     """(images to train from, "device" or "host"): x on `device`, or kept in host memory (pinned
     for CUDA) for batch() to copy from. "auto": on the device when x fits in the free CUDA memory
     less max(reserve of it, reserve_bytes) kept for the model; always on a non-CUDA device."""
-    if where not in ("auto", "device", "host"):
-        raise ValueError(f"where must be 'auto', 'device' or 'host', got {where!r}")
     device = torch.device(device)
+    if isinstance(x, DiskImages):  # read batch by batch (pinned for CUDA)
+        x.pin = device.type == "cuda"
+        return x, "disk"
+    if where not in ("auto", "device", "host"):  # "disk" is a DiskImages (load_dataset's choice)
+        raise ValueError(f"where must be 'auto', 'device' or 'host' for a tensor, got {where!r}")
     if where == "auto":
         where = "device"
         if device.type == "cuda":
@@ -510,6 +642,8 @@ def place(x, device, where="auto", reserve=0.25, reserve_bytes=2 << 30):
 def batch(x, idx, device):
     """The images x[idx] on `device`, from x on the device (an index) or on the host (a copy)."""
     device = torch.device(device)
+    if isinstance(x, DiskImages):
+        return x[idx].to(device, non_blocking=True)
     if x.device.type != "cpu" or device.type != "cuda":
         return x[idx.to(x.device)].to(device)
     # A fresh pinned buffer per call: PyTorch's pinned-memory allocator does not hand it out again
@@ -662,9 +796,10 @@ class RunArgs:
     """download torchvision datasets that are missing from --data-dir"""
     cache: bool = True
     """keep decoded image folders in a cache file beside them (rebuilt when the folder changes)"""
-    data_on: Literal["auto", "device", "host"] = "auto"
-    """where the uint8 images live: device memory, or pinned host memory copied per batch (auto:
-    the device if they fit)"""
+    data_on: Literal["auto", "device", "host", "disk"] = "auto"
+    """where the uint8 images live: device memory, pinned host memory copied per batch, or (image
+    folders) a store on disk read per batch (auto: disk beyond half the free host memory, else the
+    device if they fit, else the host)"""
     image_size: Optional[int] = None
     """resize images to this side length (default: native size; 32 for image folders)"""
     backbone: Literal["resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base"] = "resnet18"
@@ -771,6 +906,7 @@ def parse_args(Args, method, limits):
         except SystemExit as e:
             if e.code:  # tyro draws a box; keep its first sentence on one line
                 text = " ".join(re.sub(r"[\u2500-\u257f]", " ", err.getvalue()).split())
+                text = re.sub(r"^([\w ]+) (?=\1:)", "", text)  # its title, repeated: once
                 fail(text.split(" For full helptext")[0])
             raise
 
@@ -919,6 +1055,7 @@ class Run:
         if dev.type == "cpu":
             keep_freed_memory()
         self.ctrl, self.stop, self.training, self.solo = None, False, False, False
+        self.upcoming = torch.zeros(0, dtype=torch.long)  # the next batch, to read ahead from disk
         if self.world > 1:  # NCCL on GPUs, gloo on CPU; 1 h: the others wait while rank 0 evaluates
             if dev.type == "cuda":
                 dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -940,8 +1077,9 @@ class Run:
         self.g = torch.Generator(dev).manual_seed(args.seed)  # data order and augmentation
         try:  # rank 0 loads (downloads) first, then the others
             data = load_on_ranks(self.rank, self.world, args.dataset, args.data_dir,
-                                 args.download, args.image_size, args.num_samples,
-                                 seed=args.seed, cache=args.cache)
+                                 args.download, args.image_size, args.num_samples, seed=args.seed,
+                                 cache=args.cache, disk={"disk": True, "auto": "auto"}.get(
+                                     args.data_on, False))
         except UsageError as e:  # own: this rank alone failed (e.g. --data-dir not shared)
             fail(e, every_rank=getattr(e, "own", False))
         self.N, self.size, self.data = len(data.pretrain_x), data.pretrain_x.shape[-1], data
@@ -952,7 +1090,8 @@ class Run:
                  "k-NN and linear accuracy are 1.0 by construction")
         self.steps_per_epoch = self.N // B  # the last partial batch is dropped
         self.x, self.data_on = place(data.pretrain_x, dev, args.data_on)  # uint8 images
-        self.train_x, self.train_y = self.x[: len(data.train_y)], data.train_y.to(dev)
+        n = len(data.train_y)  # the labelled images: all of them, or the first n (STL-10)
+        self.train_x, self.train_y = self.x if n == self.N else self.x[:n], data.train_y.to(dev)
         self.test_x = place(data.test_x, dev, self.data_on)[0]
         self.test_y = data.test_y.to(dev)
         data.pretrain_x = data.train_x = data.test_x = None  # placed above (pinning copies them)
@@ -985,7 +1124,10 @@ class Run:
                               enabled=self.amp_dtype is not None)
 
     def images(self, idx, x=None):  # uint8 images x[idx] (default: the training set) on the device
-        return batch(self.x if x is None else x, idx, self.device)
+        out = batch(self.x if x is None else x, idx, self.device)
+        if x is None and isinstance(self.x, DiskImages) and len(self.upcoming):
+            self.x.prefetch(self.upcoming)  # the next batch, read while the device trains on this
+        return out
 
     def rand(self, *shape, seed=1):  # uniforms for figures and analyses: not the training RNG
         g = torch.Generator(self.device).manual_seed(self.args.seed + seed)
@@ -1121,6 +1263,7 @@ class Run:
             self.sums = {k: v.to(dev) for k, v in pos["sums"].items()}
             self.bad_run, self.bad_step = pos["bad_run"].to(dev), pos["bad_step"].to(dev)
         for i in range(self.i, self.steps_per_epoch):
+            self.upcoming = self.perm[(i + 1) * B:(i + 2) * B][self.shard]  # read ahead (disk)
             yield self.perm[i * B:(i + 1) * B]
 
     def step_done(self, loss, **stats):
@@ -1263,6 +1406,10 @@ class Run:
             self.solo = False
             with contextlib.suppress(Exception):
                 self._agree(failed=1)
+        # gloo's threads must end while Python is alive: left to the interpreter's teardown they
+        # abort the process ("terminate called without an active exception", SIGABRT)
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
 
     def finish(self, backbone, final):
         """Rank 0, after the final evaluation `final`: the linear probe on its features,

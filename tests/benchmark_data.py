@@ -7,10 +7,20 @@
 (b) load_dataset("imagefolder") seconds: first start (decode + cache write) against a cached start;
 (c) one 512-image batch: batch() from the host against an index of the tensor on the device.
 A --folder is copied to a temporary directory first, so its cache is not left in the data.
+
+  python tests/benchmark_data.py --pipelines --n 2000 --synthetic-dir /tmp/jpeg2k --size 224
+
+(d) ImageNet-like JPEGs (300-500 px, generated once) to augmented, normalised batches of 2 x 224
+views (Deep Fusion's) and of 2 x 224 + 6 x 96 crops (BAM's), images/s per CPU core: the peer
+pipeline (torchvision ImageFolder + PIL RandomResizedCrop, flip, jitter, grayscale, DINO's PIL
+blur and solarize, in a DataLoader with one worker process per core) against ours (the store of
+--data-on disk, read with read-ahead, the batched augmentation of the method file, with as many
+torch threads as the peer has workers), side by side.
 """
 
 import argparse
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -20,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torchvision
-from PIL import Image
+from PIL import Image, ImageFilter, ImageOps
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
@@ -36,15 +46,21 @@ def sequential_decode(paths, size):
     return x
 
 
-def generate(root, n, size, classes=10):
-    """n smooth random PNGs of size x size in root/{train,test}/<class>/ (5/6 train, 1/6 test)."""
+def generate(root, n, size, classes=10, jpeg=False):
+    """n smooth random PNGs of size x size in root/{train,test}/<class>/ (5/6 train, 1/6 test);
+    jpeg: ImageNet-like JPEGs instead (quality 90, sides 300-500 px, noise), in {train,val}."""
     def one(i):
-        split = "train" if (i // classes) % 6 else "test"
+        rng = np.random.default_rng(i)
+        split = "train" if (i // classes) % 6 else "val" if jpeg else "test"
         folder = os.path.join(root, split, f"c{i % classes}")
-        low = np.random.default_rng(i).integers(0, 256, (4, 4, 3), dtype=np.uint8)
-        img = Image.fromarray(low).resize((size, size), Image.BILINEAR)
+        w, h = rng.integers(300, 501, 2) if jpeg else (size, size)
+        low = rng.integers(0, 256, (h // 32 + 2, w // 32 + 2, 3) if jpeg else (4, 4, 3))
+        img = np.asarray(Image.fromarray(low.astype(np.uint8)).resize((w, h), Image.BILINEAR))
+        if jpeg:  # JPEG's size and decoding time depend on detail: some noise, as in photographs
+            img = (img + rng.integers(-12, 13, img.shape)).clip(0, 255).astype(np.uint8)
         os.makedirs(folder, exist_ok=True)
-        img.save(os.path.join(folder, f"{i:06d}.png"))
+        Image.fromarray(img).save(os.path.join(folder, f"{i:06d}.{'jpg' if jpeg else 'png'}"),
+                                  **({"quality": 90} if jpeg else {}))
 
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         list(pool.map(one, range(n)))
@@ -60,6 +76,112 @@ def timed(fn, repeat=1):
     return best, out
 
 
+class PilBlur:
+    """DINO's GaussianBlur: PIL's filter with a radius ~ U(0.1, 2), with probability p."""
+    def __init__(self, p):
+        self.p = p
+
+    def __call__(self, img):
+        return img.filter(ImageFilter.GaussianBlur(random.uniform(0.1, 2.0))) \
+            if random.random() < self.p else img
+
+
+class PilSolarize:
+    def __init__(self, p):
+        self.p = p
+
+    def __call__(self, img):
+        return ImageOps.solarize(img) if random.random() < self.p else img
+
+
+def peer_views(crops, mean, std):
+    """The peer transform: for each (size, scale, blur p, solarize p) one view, as DINO's
+    DataAugmentationDINO (BAM's released code) and SimCLR's ImageNet recipe build them."""
+    T = torchvision.transforms
+    ts = [T.Compose([T.RandomResizedCrop(size, scale, interpolation=T.InterpolationMode.BICUBIC),
+                     T.RandomHorizontalFlip(), T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                     T.RandomGrayscale(0.2), PilBlur(blur), PilSolarize(solar), T.ToTensor(),
+                     T.Normalize(mean, std)]) for size, scale, blur, solar in crops]
+    return lambda img: [t(img) for t in ts]
+
+
+def pipelines(root, workers, batch, steps, size):
+    """(d): rows of images/s, the peer against ours, for Deep Fusion's views and BAM's crops."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import bam
+    import deepfusion
+    torch.set_num_threads(workers)
+    t_prep, data = timed(lambda: common.load_dataset("imagefolder", root, image_size=size,
+                                                     disk=True))
+    x, n = data.pretrain_x, len(data.pretrain_x)
+    mean, std = torch.tensor(data.mean)[:, None, None], torch.tensor(data.std)[:, None, None]
+    rows = [("(d) store preparation", f"{(n + len(data.test_x)) / t_prep:,.0f} img/s",
+             f"{workers} threads, JPEG decode + resize to {size} px + write")]
+    perm = torch.randperm(n)
+    t_read = timed(lambda: [x[perm[i:i + batch]] for i in range(0, n - batch + 1, batch)], 3)[0]
+    count = (n // batch) * batch
+    rows.append(("(d) store reads (page cache)", f"{count / t_read:,.0f} img/s",
+                 f"{count * x[0:1].nbytes / t_read / 1e9:.2f} GB/s, batches of {batch} in random order"))
+    ba = bam.Args(num_local_crops=6, local_size=96)
+    recipes = {  # name: (peer crops, ours: uniforms (V, B, NU) -> augmented tensors)
+        "2 x 224": ([(size, (0.08, 1.0), 0.5, 0.0)] * 2,
+                    lambda imgs, g: [deepfusion.views_of(
+                        imgs, torch.rand(2, len(imgs), deepfusion.NU, generator=g),
+                        deepfusion.Args(), size)]),
+        "2 x 224 + 6 x 96": ([(size, ba.global_scale, 1.0, 0.0), (size, ba.global_scale, 0.1, 0.2)]
+                             + [(96, ba.local_scale, 0.5, 0.0)] * 6,
+                             lambda imgs, g: bam.crops_of(
+                                 imgs, torch.rand(8, len(imgs), bam.NU, generator=g), ba, size))}
+    for name, (crops, augment) in recipes.items():
+        loader = torch.utils.data.DataLoader(
+            torchvision.datasets.ImageFolder(os.path.join(root, "train"),
+                                             peer_views(crops, data.mean, data.std)),
+            batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+            persistent_workers=True, prefetch_factor=2)
+
+        def peer():
+            count, t = 0, None
+            while count < steps * batch:  # epochs as needed
+                for views, _ in loader:
+                    if t is None:  # timed from the first batch on: the workers have started
+                        t = time.perf_counter()
+                    else:
+                        count += len(views[0])
+                    if count >= steps * batch:
+                        break
+            return count / (time.perf_counter() - t)
+
+        def ours(amp):
+            g, perm = torch.Generator().manual_seed(0), torch.randperm(n)
+            idx = [perm[i * batch % (n - batch):][:batch] for i in range(steps + 1)]
+            t = time.perf_counter()
+            for i in range(steps + 1):
+                if i == 1:
+                    t = time.perf_counter()  # after the first batch, as the peer's
+                if i < steps:
+                    x.prefetch(idx[i + 1])  # Run.images reads the next batch ahead
+                with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+                    views = [(v - mean) / std for v in augment(common.batch(x, idx[i], "cpu"), g)]
+            return steps * batch / (time.perf_counter() - t)
+
+        p = peer()
+        del loader
+        rows.append((f"(d) {name}, peer ({workers} workers)", f"{p / workers:,.1f} img/s/core",
+                     f"{p:,.1f} img/s"))
+        for amp in (False, True):
+            o = ours(amp)
+            rows.append((f"(d) {name}, ours ({'bf16' if amp else 'fp32'})",
+                         f"{o / workers:,.1f} img/s/core", f"{o:,.1f} img/s, x{o / p:.2f}"))
+    return rows
+
+
+def show(rows):
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'':{width}}  {'result':>16}  notes")
+    for name, value, note in rows:
+        print(f"{name:{width}}  {value:>16}  {note}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--folder", help="an image folder (default: generate --n images)")
@@ -68,7 +190,12 @@ def main():
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--pipelines", action="store_true", help="(d) only, on generated JPEGs")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="(d): processes, threads")
+    p.add_argument("--steps", type=int, default=20, help="(d): batches timed per pipeline")
     args = p.parse_args()
+    if args.pipelines:
+        args.batch = min(args.batch, 64)
 
     scratch = tempfile.mkdtemp(prefix="benchmark_data_")
     try:
@@ -80,16 +207,20 @@ def main():
             count = sum(len(f) for _, _, f in os.walk(root)) if os.path.isdir(root) else 0
             if count != args.n:
                 shutil.rmtree(root, ignore_errors=True)
-                t, _ = timed(lambda: generate(root, args.n, args.size))
-                print(f"generated {args.n} {args.size} px PNGs in {root} ({t:.1f} s)")
+                t, _ = timed(lambda: generate(root, args.n, args.size, jpeg=args.pipelines))
+                print(f"generated {args.n} images in {root} ({t:.1f} s)")
         shutil.rmtree(os.path.join(root, ".cache"), ignore_errors=True)
-        paths = [q for split in ("train", "test")
+        test = "val" if args.pipelines else "test"
+        paths = [q for split in ("train", test)
                  for q in common._image_files(os.path.join(root, split))[0]]
         for q in paths:  # both decoders read from the OS page cache, not the first from the disk
             with open(q, "rb") as f:
                 f.read()
         n = len(paths)
         rows = [("images", f"{n}", ""), ("CPU threads", f"{os.cpu_count()}", "")]
+        if args.pipelines:
+            rows += pipelines(root, args.workers, args.batch, args.steps, args.size)
+            return show(rows)
 
         t_seq, ref = timed(lambda: sequential_decode(paths, args.size))
         t_par, out = timed(lambda: common._decode(paths, args.size))
@@ -135,10 +266,7 @@ def main():
             t_copy = run(lambda: gathered.clone())
             rows.append(("(c) a copy of the batch (memcpy)", f"{t_copy * 1e3:.3f} ms",
                          f"{t_copy / (t_copy + t_index):.0%} of gather + copy"))
-        width = max(len(r[0]) for r in rows)
-        print(f"\n{'':{width}}  {'result':>14}  notes")
-        for name, value, note in rows:
-            print(f"{name:{width}}  {value:>14}  {note}")
+        show(rows)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if not args.folder and args.synthetic_dir:

@@ -4,6 +4,7 @@ and place()/batch() for data kept on the host."""
 import functools
 import hashlib
 import http.server
+import json
 import os
 import threading
 import time
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 
 import common
+from conftest import METHODS, run_cli, run_dir_of
 from benchmark_data import sequential_decode  # the old loop, the benchmark's baseline
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
@@ -392,3 +394,152 @@ def test_place_and_batch_on_cuda():
     assert all(torch.equal(out.cpu(), x[idx]) for idx, out in outs)
     on_device = common.place(x, "cuda", "device")[0]
     assert torch.equal(common.batch(on_device, outs[0][0].cuda(), "cuda").cpu(), x[outs[0][0]])
+
+
+# ----------------------------------------------------------------------------- the disk store
+
+
+def _photos(root, n=(6, 2), split_names=("train", "test")):
+    """Images of several sizes, modes and formats (JPEG and PNG; RGB, grey, palette, CMYK, 16-bit)."""
+    rng = np.random.default_rng(0)
+    modes = ["RGB", "L", "P", "CMYK", "I;16", "RGBA"]
+    for split, count in zip(split_names, n):
+        for c in ("a", "b"):
+            os.makedirs(root / split / c, exist_ok=True)
+            for i in range(count):
+                w, h = rng.integers(20, 60, 2)
+                mode = modes[(i + (c == "b")) % len(modes)]
+                if mode == "I;16":
+                    img = Image.fromarray(rng.integers(0, 65535, (h, w)).astype(np.uint16))
+                else:
+                    img = Image.fromarray(rng.integers(0, 256, (h, w, 3)).astype(np.uint8)).convert(mode)
+                ext = "jpg" if mode == "CMYK" or mode in ("RGB", "L") and i % 2 else "png"
+                img.save(root / split / c / f"{i}.{ext}")
+
+
+def _stores(root):
+    return sorted(f for f in os.listdir(root / ".cache") if f.startswith("store-"))
+
+
+def test_the_store_holds_the_pixels_of_memory_and_makes_the_same_views(tmp_path, capsys, monkeypatch):
+    import deepfusion as df
+    _photos(tmp_path, split_names=("train", "val"))  # DIR/val is the test split when there is no test
+    mem = common.load_dataset("imagefolder", str(tmp_path), image_size=16, disk=False)
+    disk = common.load_dataset("imagefolder", str(tmp_path), image_size=16, disk=True)
+    assert isinstance(disk.pretrain_x, common.DiskImages) and isinstance(disk.test_x, common.DiskImages)
+    assert "note: preparing train (12 images of 16 px" in capsys.readouterr().err
+    assert disk.pretrain_x.shape == mem.pretrain_x.shape and len(disk.test_x) == 4
+    idx = torch.tensor([5, 0, 11, 5])
+    assert torch.equal(disk.pretrain_x[idx], mem.pretrain_x[idx])
+    assert torch.equal(disk.test_x[0:4], mem.test_x) and torch.equal(disk.test_y, mem.test_y)
+    assert np.allclose(disk.mean, mem.mean, atol=1e-6) and np.allclose(disk.std, mem.std, atol=1e-6)
+    u = torch.rand(2, 4, df.NU, generator=torch.Generator().manual_seed(0))
+    views = [df.views_of(common.batch(d.pretrain_x, idx, "cpu"), u, df.Args(), 16) for d in (mem, disk)]
+    assert torch.equal(*views)  # the same views, whichever path delivered the pixels
+    disk.pretrain_x.prefetch(idx[:2])  # a read ahead is what a direct read gives
+    assert torch.equal(disk.pretrain_x[idx[:2]], mem.pretrain_x[idx[:2]])
+    sub = common.load_dataset("imagefolder", str(tmp_path), image_size=16, disk=True, num_samples=6)
+    ref = common.load_dataset("imagefolder", str(tmp_path), image_size=16, disk=False, num_samples=6)
+    assert torch.equal(sub.pretrain_x[0:6], ref.pretrain_x) and torch.equal(sub.train_y, ref.train_y)
+    assert len(_stores(tmp_path)) == 4  # train and val, .u8 and .json; prepared once
+    monkeypatch.setattr(common, "_available_memory", lambda: 2 * 3 * 16 * 16 * 16 - 1)  # 16 images
+    assert isinstance(common.load_dataset("imagefolder", str(tmp_path), image_size=16).pretrain_x,
+                      common.DiskImages)  # "auto": to disk when they take over half the memory
+    monkeypatch.setattr(common, "_available_memory", lambda: 2 * 3 * 16 * 16 * 16)
+    assert isinstance(common.load_dataset("imagefolder", str(tmp_path), image_size=16).pretrain_x,
+                      torch.Tensor)
+
+
+def _losses(run):
+    return [r["loss"] for r in map(json.loads, open(os.path.join(run, "metrics.jsonl")))
+            if r["event"] == "epoch"]
+
+
+@pytest.mark.parametrize("script", ["deepfusion.py", "bam.py"])
+def test_training_from_the_disk_takes_the_steps_of_training_from_memory(script, tmp_path):
+    _photos(tmp_path / "data", n=(16, 4), split_names=("train", "val"))
+    flags = ["--dataset", "imagefolder", "--data-dir", tmp_path / "data", "--image-size", "16",
+             "--batch-size", "8", "--epochs", "2", "--linear-epochs", "2", "--eval-every", "1",
+             "--amp", "off", *METHODS[script]["fast"]]
+    runs = {}
+    for where in ("device", "disk"):
+        p = run_cli(script, *flags, "--data-on", where, "--output-dir", tmp_path / where)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert f"32 images 16px on {where}" in p.stdout  # the run header says which path
+        runs[where] = run_dir_of(tmp_path / where)
+    assert _losses(runs["disk"]) == _losses(runs["device"]) and len(_losses(runs["disk"])) == 2
+    summary = [json.load(open(os.path.join(r, "summary.json"))) for r in runs.values()]
+    assert summary[0]["knn_acc"] == summary[1]["knn_acc"]  # evaluation reads the store too
+
+
+def test_a_killed_or_truncated_preparation_continues_and_never_reads_half_a_store(tmp_path, monkeypatch,
+                                                                                    capsys):
+    _photos(tmp_path, n=(10, 2))
+    ref = common.load_dataset("imagefolder", str(tmp_path), image_size=8, disk=False).pretrain_x
+    monkeypatch.setattr(common._store, "__defaults__", (True, 4))  # chunks of 4 images
+    decode, calls = common._decode, []
+
+    def dies_on_the_third_chunk(paths, size, chunk=64):
+        calls.append(len(paths))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as kill -9, after two chunks were written and counted
+        return decode(paths, size, chunk)
+    monkeypatch.setattr(common, "_decode", dies_on_the_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        common.load_dataset("imagefolder", str(tmp_path), image_size=8, disk=True)
+    monkeypatch.setattr(common, "_decode", decode)
+    meta = json.load(open(tmp_path / ".cache" / next(f for f in _stores(tmp_path) if f.endswith(".json"))))
+    assert meta["done"] == 8 and meta["n"] == 20
+    capsys.readouterr()
+    x = common.load_dataset("imagefolder", str(tmp_path), image_size=8, disk=True).pretrain_x
+    assert "from image 8 on" in capsys.readouterr().err and torch.equal(x[0:20], ref)
+    store = tmp_path / ".cache" / next(f for f in _stores(tmp_path) if f.startswith("store-train") and
+                                       f.endswith(".u8"))
+    store.write_bytes(store.read_bytes()[: 3 * 8 * 8 * 9])  # a crash cut the file inside chunk 3
+    x = common.load_dataset("imagefolder", str(tmp_path), image_size=8, disk=True).pretrain_x
+    assert "from image 8 on" in capsys.readouterr().err and torch.equal(x[0:20], ref)
+
+
+def test_a_changed_folder_gets_a_new_store_and_the_old_one_is_removed(tmp_path):
+    _photos(tmp_path)
+    common.load_dataset("imagefolder", str(tmp_path), image_size=8, disk=True)
+    before = _stores(tmp_path)
+    Image.new("RGB", (30, 20), (9, 9, 9)).save(tmp_path / "train" / "a" / "new.png")
+    x = common.load_dataset("imagefolder", str(tmp_path), image_size=8, disk=True).pretrain_x
+    after = _stores(tmp_path)
+    assert len(x) == 13 and (x[torch.tensor([6])] == 9).all()  # the new image, in its place
+    assert len(after) == 4 and [f for f in after if f.startswith("store-train")] != \
+        [f for f in before if f.startswith("store-train")]
+
+
+def test_a_disk_too_small_or_full_is_one_line(tmp_path, monkeypatch):
+    _photos(tmp_path)
+    monkeypatch.setattr(common.shutil, "disk_usage", lambda p: shutil_usage(0, 0, 1000))
+    with pytest.raises(common.UsageError, match=r"needs 0.0 GB .* which has 0.0 GB free") as e:
+        common.load_dataset("imagefolder", str(tmp_path), image_size=8, disk=True)
+    assert "\n" not in str(e.value)
+    monkeypatch.undo()
+
+    def full(*a):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(common.os, "pwrite", full)
+    with pytest.raises(common.UsageError, match="No space left on device.*continues at image 0"):
+        common.load_dataset("imagefolder", str(tmp_path), image_size=8, disk=True)
+
+
+def shutil_usage(total, used, free):
+    import collections
+    return collections.namedtuple("usage", "total used free")(total, used, free)
+
+
+def test_unreadable_images_on_the_disk_path_are_one_line(tmp_path):
+    _photos(tmp_path)
+    (tmp_path / "train" / "b" / "empty.png").write_bytes(b"")
+    with pytest.raises(common.UsageError, match="cannot read image .*empty.png") as e:
+        common.load_dataset("imagefolder", str(tmp_path), image_size=8, disk=True)
+    assert "\n" not in str(e.value)
+    (tmp_path / "train" / "b" / "empty.png").write_bytes(open(tmp_path / "train" / "b" / "0.png", "rb").read()[:60])
+    with pytest.raises(common.UsageError, match="cannot read image .*empty.png"):  # truncated
+        common.load_dataset("imagefolder", str(tmp_path), image_size=8, disk=True)
+    with pytest.raises(common.UsageError, match="--data-on disk reads image folders"):
+        common.load_dataset("synthetic", "unused", disk=True)

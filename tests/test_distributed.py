@@ -70,6 +70,19 @@ def test_two_processes_take_the_one_process_step(script, backbone, tmp_path):
     assert sa.keys() == sb.keys() and sb["knn_acc"] == pytest.approx(sa["knn_acc"], abs=0.02)
 
 
+def test_two_processes_reading_their_shards_from_the_disk_take_the_one_process_step(tmp_path):
+    from test_data import _photos
+    _photos(tmp_path / "data", n=(8, 2), split_names=("train", "val"))  # 16 training images
+    flags = [*ONE_STEP[2:], "--dataset", "imagefolder", "--data-dir", tmp_path / "data", "--data-on", "disk",
+             *METHODS["bam.py"]["fast"]]
+    one = _run("bam.py", tmp_path / "one", 1, *flags)
+    two = _run("bam.py", tmp_path / "two", 2, *flags)
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
+    a, b = _checkpoints(one, two)
+    for k, v in a["model"].items():
+        assert torch.allclose(v.float(), b["model"][k].float(), atol=1e-4), k
+
+
 @pytest.mark.parametrize("script", METHODS)
 def test_resume_under_torchrun(script, tmp_path):
     # 2 steps: interrupted after the first under torchrun, resumed under torchrun; compared with one
