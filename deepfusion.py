@@ -44,6 +44,8 @@ class Args(common.RunArgs):
     """NT-Xent temperature (authors' code: 0.1 with the Transformer head; SimCLR often 0.5)"""
     lr: float = 0.06
     """SGD learning rate per 256 images (scaled by batch-size / 256)"""
+    head_lr: float = 1.0
+    """the head's learning rate as a multiple of --lr (ours; at 1 its attention barely trains)"""
     momentum: float = 0.9
     """SGD momentum"""
     weight_decay: float = 5e-4
@@ -153,7 +155,8 @@ def views_of(x, u, args, size):
 
 # Every numeric flag of the method, its accepted range (both ends included); see check_args.
 METHOD_LIMITS = {"head_layers": (0, 64), "head_heads": (1, 64), "proj_dim": (1, 1 << 16),
-                 "tau": (1e-4, 100.0), "lr": (1e-9, 100.0), "momentum": (0.0, 1.0),
+                 "tau": (1e-4, 100.0), "lr": (1e-9, 100.0), "head_lr": (1e-6, 1e6),
+                 "momentum": (0.0, 1.0),
                  "weight_decay": (0.0, 1.0),
                  "warmup_epochs": (0, 100_000), "min_scale": (1e-4, 1.0),
                  "jitter_strength": (1e-6, 10.0), "jitter_p": (0.0, 1.0), "gray_p": (0.0, 1.0),
@@ -339,8 +342,9 @@ if __name__ == "__main__":
     if args.head == "transformer" and model.width % args.head_heads:
         common.fail(f"--head-heads must divide the backbone width {model.width}, got "
                     f"{args.head_heads}")
-    opt = torch.optim.SGD(common.param_groups(model, args.weight_decay), lr=args.lr,
-                          momentum=args.momentum)  # no weight decay on biases and norms
+    opt = torch.optim.SGD([g for part, scale in ((model.backbone, 1.0), (model.head, args.head_lr))
+                           for g in common.param_groups(part, args.weight_decay, scale=scale)],
+                          lr=args.lr, momentum=args.momentum)  # no weight decay on biases, norms
     total, warmup = args.epochs * run.steps_per_epoch, args.warmup_epochs * run.steps_per_epoch
 
     def get_lr(step):  # linear warm-up, then cosine decay to 0; linear scaling: lr x batch / 256
@@ -374,7 +378,7 @@ if __name__ == "__main__":
         for idx in run.batches():  # this epoch's global batches, the same on every rank
             u = torch.rand(2, B, NU, device=run.device, generator=run.g)  # every view's uniforms
             for group in opt.param_groups:
-                group["lr"] = get_lr(run.step)
+                group["lr"] = get_lr(run.step) * group["scale"]
             with run.autocast():  # the augmentation too: bf16 GEMMs with --amp bf16 (1.8x on CPU)
                 views = norm(views_of(run.images(idx[run.shard]), u[:, run.shard], args, size))
                 z = train_model(views)  # (2B, proj_dim): every rank has the global batch's outputs
