@@ -429,7 +429,7 @@ if __name__ == "__main__":
                 group["lr"] = get_lr(run.step)
                 group["weight_decay"] = group["decay"] * (
                     args.weight_decay_end + (args.weight_decay - args.weight_decay_end) * cos)
-            with run.autocast():  # the augmentation too: bf16 GEMMs with --amp bf16 (1.8x on CPU)
+            with run.autocast():  # the augmentation too: bf16 GEMMs with --amp bf16
                 glob, local = crops_of(run.images(idx[run.shard]), u[:, run.shard], args, size)
                 z, zt = train_model(norm(glob), norm(local))  # (V*B, D) student; teacher or None
             loss = bam_objective(z, zt, B, args, mask)

@@ -379,7 +379,7 @@ if __name__ == "__main__":
             u = torch.rand(2, B, NU, device=run.device, generator=run.g)  # every view's uniforms
             for group in opt.param_groups:
                 group["lr"] = get_lr(run.step) * group["scale"]
-            with run.autocast():  # the augmentation too: bf16 GEMMs with --amp bf16 (1.8x on CPU)
+            with run.autocast():  # the augmentation too: bf16 GEMMs with --amp bf16
                 views = norm(views_of(run.images(idx[run.shard]), u[:, run.shard], args, size))
                 z = train_model(views)  # (2B, proj_dim): every rank has the global batch's outputs
             loss = nt_xent(z, args.tau)

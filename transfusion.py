@@ -429,7 +429,7 @@ if __name__ == "__main__":
             u = torch.rand(2, B, NU, device=run.device, generator=run.g)  # every view's uniforms
             for group in opt.param_groups:
                 group["lr"] = get_lr(run.step)
-            with run.autocast():  # the augmentation too: bf16 GEMMs with --amp bf16 (1.8x on CPU)
+            with run.autocast():  # the augmentation too: bf16 GEMMs with --amp bf16
                 views = norm(views_of(run.images(idx[run.shard]), u[:, run.shard], args, size))
                 A = train_model(views)  # (2B, 2B) adjacency of the final block, global batch
             T = target_affinity(run.train_y[idx].repeat(2) if args.supervised else pair)  # (2B, 2B)
