@@ -2,6 +2,7 @@
 
     python tests/benchmark.py                       # CPU, batch 256, ResNet-18
     python tests/benchmark.py --device cuda         # adds images/s and s/epoch with bf16 (+ --compile)
+    python tests/benchmark.py --backbone vit_small --image-size 224 --batch-size 16   # a ViT at 224 px
 
 Prints a table and writes benchmark.json. Every figure is a median over --repeats after a warm-up; the
 two sides of a ratio are timed in turns, so a slow period of a shared machine slows both alike:
@@ -12,7 +13,11 @@ two sides of a ratio are timed in turns, so a slow period of a shared machine sl
    backbone-only step (forward, trivial loss, backward, optimizer) on the same views, crop sizes and AMP;
 3. peak memory of the full step (CPU: peak RSS increase of a fresh process; CUDA: max_memory_allocated);
 4. CUDA only: training images per second and seconds per CIFAR-10 epoch, bf16, channels_last,
-   without and with torch.compile.
+   without and with torch.compile;
+5. BAM's backbone step with its two resolutions (global crops at the image size, local crops at
+   half of it, one backbone call each) against one call on the same crops all at the image size
+   (local crops upsampled): what the multi-resolution forward (and a ViT's resized position table)
+   saves.
 This file is not collected by pytest (its name does not start with test_).
 """
 
@@ -46,8 +51,12 @@ class Bench:
     """device of the training step"""
     batch_size: int = 256
     """images per step"""
-    backbone: Literal["resnet18", "resnet50"] = "resnet18"
-    """torchvision ResNet"""
+    backbone: Literal["resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base"] = "resnet18"
+    """torchvision ResNet or ViT (as the method files' --backbone)"""
+    patch_size: Optional[int] = None
+    """ViT patch side (default: the method files' default for --image-size)"""
+    image_size: int = 32
+    """image side: the images are resized to it (global views at this size, BAM's local at half)"""
     repeats: int = 5
     """timed repeats of the step figures (the median is reported); one warm-up run is not counted"""
     aug_repeats: int = 15
@@ -55,7 +64,7 @@ class Bench:
     threads: int = 1
     """torch threads for the augmentation comparison (the PIL pipeline runs on one)"""
     images: Optional[str] = None
-    """image folder (DIR/train/<class>/*) of real 32 px images; default: ../shared/data/cifar10-mini if
+    """image folder (DIR/train/<class>/*) of real images; default: ../shared/data/cifar10-mini if
     present, else synthetic images"""
     amp: Literal["off", "bf16"] = "off"
     """autocast for the step figures (CPU default off, as the training scripts' --amp auto)"""
@@ -88,7 +97,7 @@ def pil_pipeline(size, scale, mean, std, blur=False, solarize=0.0):
     ops = [T.RandomResizedCrop(size, scale=scale), T.RandomHorizontalFlip(),
            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(0.2)]
     if blur:
-        ops.append(T.RandomApply([T.GaussianBlur(3, (0.1, 2.0))], p=0.5))
+        ops.append(T.RandomApply([T.GaussianBlur(2 * max(1, size // 20) + 1, (0.1, 2.0))], p=0.5))
     if solarize:
         ops.append(T.RandomSolarize(128, p=solarize))
     return T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)])
@@ -160,16 +169,25 @@ def backbone_step(model, inputs, device):
 
 
 def method_args(name, backbone):
+    kw = dict(backbone=backbone, patch_size=bench.patch_size)
     if name == "bam":
-        return bam.Args(backbone=backbone, ema_teacher=bench.ema_teacher)
-    return {"deepfusion": deepfusion.Args, "transfusion": transfusion.Args}[name](backbone=backbone)
+        return bam.Args(**kw, ema_teacher=bench.ema_teacher)
+    return {"deepfusion": deepfusion.Args, "transfusion": transfusion.Args}[name](**kw)
 
 
 def load_images(n):
-    folder = bench.images or os.path.join(ROOT, "..", "shared", "data", "cifar10-mini")
+    folder, S = bench.images or os.path.join(ROOT, "..", "shared", "data", "cifar10-mini"), bench.image_size
     if os.path.isdir(os.path.join(folder, "train")):
-        return common.load_dataset("imagefolder", folder, image_size=32).train_x[:n], f"real 32 px images from {folder}"
-    return common.load_dataset("synthetic", "unused", image_size=32).train_x[:n], "synthetic 32 px images"
+        return common.load_dataset("imagefolder", folder, image_size=S).train_x[:n], f"real {S} px images from {folder}"
+    return common.load_dataset("synthetic", "unused", image_size=S).train_x[:n], f"synthetic {S} px images"
+
+
+def two_resolutions(model, glob, local, device):
+    """5.: (seconds of a backbone step on the global and the local crops at their own sizes, seconds
+    of one on the same crops with the local ones upsampled to the global size)."""
+    up = F.interpolate(local, size=glob.shape[-2:], mode="bilinear", align_corners=False)
+    return median_seconds([backbone_step(model, [glob, local], device),
+                           backbone_step(model, [torch.cat([glob, up])], device)], bench.repeats, sync)
 
 
 if __name__ == "__main__":
@@ -211,13 +229,15 @@ if __name__ == "__main__":
     xb = x[:512].to(device)
     for name in METHODS:
         args = method_args(name, bench.backbone)
+        S, blur = bench.image_size, bench.image_size > 64  # the files blur above 64 px
         if name == "bam":
-            pipes = [pil_pipeline(32, args.global_scale, *stats), pil_pipeline(32, args.global_scale, *stats, solarize=0.2)
-                     ] + [pil_pipeline(16, args.local_scale, *stats)] * args.num_local_crops
+            pipes = [pil_pipeline(S, args.global_scale, *stats, blur),
+                     pil_pipeline(S, args.global_scale, *stats, blur, solarize=0.2)
+                     ] + [pil_pipeline(S // 2, args.local_scale, *stats, blur)] * args.num_local_crops
         else:
-            pipes = [pil_pipeline(32, (0.2, 1.0), *stats)] * 2
+            pipes = [pil_pipeline(S, (0.2 if S <= 64 else 0.08, 1.0), *stats, blur)] * 2
         augment = method_parts(name, args, xb, stats, device)[0]
-        calls = 10  # ours is fast: time several batches per repeat, about as long as the PIL side
+        calls = 10 if S <= 64 else 1  # ours is fast: several batches per repeat, about as long as PIL
         ours_s, pil_s = median_seconds([lambda: [augment() for _ in range(calls)],
                                         lambda: [p(im) for im in pil_images for p in pipes]], bench.aug_repeats, sync)
         pil_vps = len(pil_images) * len(pipes) / pil_s
@@ -234,11 +254,17 @@ if __name__ == "__main__":
         full, base = median_seconds([full_step, backbone_step(model, inputs, device)], bench.repeats, sync)
         child = subprocess.run([sys.executable, __file__, "--memory-of", name, "--device", bench.device,
                                 "--batch-size", str(bench.batch_size), "--backbone", bench.backbone,
+                                "--image-size", str(bench.image_size),
+                                *(["--patch-size", str(bench.patch_size)] if bench.patch_size else []),
                                 "--amp", bench.amp, "--ema-teacher" if bench.ema_teacher else "--no-ema-teacher"],
                                capture_output=True, text=True)
         peak = json.loads(child.stdout.strip().splitlines()[-1])["peak_mib"] if child.returncode == 0 else None
         results["methods"][name].update(step_seconds=full, backbone_step_seconds=base,
                                         step_overhead_vs_backbone=full / base, peak_memory_mib=peak)
+        if name == "bam":  # 5.
+            two, one = two_resolutions(model, *inputs, device)
+            results["bam_two_resolutions"] = {"two_resolutions_s": two, "one_resolution_s": one,
+                                              "saving": one / two}
 
     # 4. CUDA throughput (not measurable on a CPU-only machine)
     if device.type == "cuda" and bench.steps:
@@ -263,6 +289,10 @@ if __name__ == "__main__":
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+    if "bam_two_resolutions" in results:
+        r = results["bam_two_resolutions"]
+        print(f"bam backbone step, crops at two resolutions {r['two_resolutions_s']:.2f} s, all at "
+              f"{bench.image_size} px {r['one_resolution_s']:.2f} s: {r['saving']:.2f}x")
     if device.type != "cuda":
         print("CUDA images/s and s/epoch: not measured (no CUDA device in this run)")
     with open("benchmark.json", "w") as f:
