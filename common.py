@@ -17,6 +17,7 @@ checkpoint and stop, and nothing here calls into a method file.
 
 import atexit
 import contextlib
+import copy
 import ctypes
 import dataclasses
 import datetime
@@ -122,8 +123,9 @@ def load_dataset(name, data_dir, download=True, image_size=None, num_samples=Non
             _image_files(os.path.join(data_dir, split)) for split in ("train", test)]
         if test_classes != classes:
             raise UsageError(f"{data_dir}/train and {data_dir}/{test} have different class folders")
-        if disk == "auto":  # the decoded images against the host memory that is free
-            disk = 3 * size * size * (len(train_p) + len(test_p)) > _available_memory() / 2
+        if disk == "auto":  # the decoded images against the host memory that is free, shared by
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", 1) or 1)  # the processes of a node
+            disk = 3 * size * size * (len(train_p) + len(test_p)) > _available_memory() / 2 / local
         read = _store if disk else _decode_cached
         train_x, test_x = [read(p, size, data_dir, split, cache)
                            for p, split in ((train_p, "train"), (test_p, test))]
@@ -185,11 +187,14 @@ def load_on_ranks(rank, world, *args, **kwargs):
         except UsageError as e:
             return None, e
     data, error = load() if rank == 0 else (None, None)
-    if world > 1:
-        shared = [None if error is None else str(error)]
+    if world > 1:  # and rank 0's choice of disk or memory ("auto"), so that every rank makes it
+        shared = [None if error is None else str(error),
+                  data is not None and isinstance(data.pretrain_x, DiskImages)]
         dist.broadcast_object_list(shared, src=0)
         if shared[0] is not None:
             raise UsageError(shared[0])
+        if kwargs.get("disk") == "auto":
+            kwargs["disk"] = shared[1]
         if rank > 0:
             data, error = load()
             if error is not None:
@@ -510,20 +515,28 @@ def _store(paths, size, home, split, cache=True, chunk=1024):
         old = json.load(f)
         if all(old.get(k) == meta[k] for k in ("version", "key", "n", "size")):
             meta = old
-    try:  # a crash or a full disk can leave the file shorter than the chunks counted done
-        done = min(meta["done"], os.path.getsize(base + ".u8") // per // chunk * chunk, n)
+    try:  # a crash or a full disk can leave the file shorter than the images counted done
+        done = min(meta["done"], os.path.getsize(base + ".u8") // per, n)
     except OSError:
         done = 0
     if done < n:
-        os.makedirs(folder, exist_ok=True)
-        need, free = (n - done) * per, shutil.disk_usage(folder).free
+        try:
+            os.makedirs(folder, exist_ok=True)
+            free = shutil.disk_usage(folder).free
+            fd = os.open(base + ".u8", os.O_WRONLY | os.O_CREAT, 0o644)
+        except OSError as e:  # a read-only data folder
+            raise UsageError(f"cannot write the store of {home}/{split} in {folder!r} "
+                             f"({e.strerror or e}): --data-on disk needs a writable copy of the "
+                             "folder (or use --data-on host)") from None
+        need = (n - done) * per
         if need > free:
+            os.close(fd)
             raise UsageError(f"the store of {home}/{split} needs {need / 1e9:.1f} GB in "
                              f"{folder!r}, which has {free / 1e9:.1f} GB free; free space, or use "
                              "a copy of the folder on a larger disk")
         note(f"preparing {split} ({n} images of {size} px, {n * per / 1e9:.1f} GB) in {base}.u8"
              + (f", from image {done} on" if done else ""), once=False)
-        fd, t0, shown = os.open(base + ".u8", os.O_WRONLY | os.O_CREAT, 0o644), time.time(), 0.0
+        t0, shown = time.time(), 0.0
         try:
             for start in range(done, n, chunk):
                 x = _decode(paths[start:start + chunk], size)
@@ -536,7 +549,8 @@ def _store(paths, size, home, split, cache=True, chunk=1024):
                     note(f"preparing {split}: {meta['done']} / {n} images, {rate:.0f} img/s, "
                          f"{(n - meta['done']) / rate / 60:.1f} min to go", once=False)
         except (OSError, RuntimeError) as e:  # a full disk: the chunks done so far are kept
-            raise UsageError(f"cannot write the store {base}.u8 ({getattr(e, 'strerror', e)}); "
+            reason = getattr(e, "strerror", None) or e
+            raise UsageError(f"cannot write the store {base}.u8 ({reason}); "
                              f"starting again continues at image {meta['done']}") from None
         finally:
             os.close(fd)
@@ -555,26 +569,30 @@ class DiskImages:
     in a thread while the device trains on this one (Run.batches calls it). Reads are preads in a
     pool of threads (they release the GIL); pinned buffers when the device is CUDA (pin)."""
 
-    def __init__(self, path, n, size, rows=None):
+    def __init__(self, path, n, size):
         self.path, self.size = path, size
-        self.rows = torch.arange(n) if rows is None else rows  # records of the file, in order
-        self.shape, self.device, self.dtype = (len(self.rows), 3, size, size), "cpu", torch.uint8
+        self.rows = torch.arange(n)  # records of the file, in order (a subset: some of them)
+        self.shape, self.device, self.dtype = (n, 3, size, size), "cpu", torch.uint8
         self.nbytes, self.pin, self.ahead = math.prod(self.shape), False, None
-        self.fd = os.open(path, os.O_RDONLY)
+        self.file = open(path, "rb", buffering=0)  # closed with the last subset that reads it
         self.readers, self.prefetcher = ThreadPoolExecutor(8), ThreadPoolExecutor(1)
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, idx):
-        idx = torch.arange(len(self))[idx] if isinstance(idx, slice) else idx.cpu()
+        idx = torch.arange(*idx.indices(len(self))) if isinstance(idx, slice) else idx.cpu()
         if self.ahead is not None and torch.equal(self.ahead[0], idx):  # read already, or reading
             (_, future), self.ahead = self.ahead, None
             return future.result()
         return self._read(idx)
 
-    def take(self, keep):
-        return DiskImages(self.path, 0, self.size, self.rows[keep])
+    def take(self, keep):  # the same file and threads
+        sub = copy.copy(self)
+        sub.rows, sub.ahead = self.rows[keep], None
+        sub.shape = (len(sub.rows), *self.shape[1:])
+        sub.nbytes = math.prod(sub.shape)
+        return sub
 
     def prefetch(self, idx):
         self.ahead = (idx.cpu(), self.prefetcher.submit(self._read, idx.cpu()))
@@ -582,10 +600,12 @@ class DiskImages:
     def _read(self, idx):
         out = torch.empty((len(idx), 3, self.size, self.size), dtype=torch.uint8,
                           pin_memory=self.pin)
+        if not len(idx):
+            return out
         buf, per, rows = out.view(len(idx), -1).numpy(), 3 * self.size ** 2, self.rows[idx].tolist()
 
         def read(i):
-            if os.preadv(self.fd, [buf[i]], rows[i] * per) != per:
+            if os.preadv(self.file.fileno(), [buf[i]], rows[i] * per) != per:
                 raise UsageError(f"the store {self.path} is shorter than it should be: delete it")
         for _ in self.readers.map(read, range(len(idx))):
             pass
@@ -1264,9 +1284,11 @@ class Run:
             self.t0 -= pos["seconds"]
             self.sums = {k: v.to(dev) for k, v in pos["sums"].items()}
             self.bad_run, self.bad_step = pos["bad_run"].to(dev), pos["bad_step"].to(dev)
+        perm = self.perm.cpu() if self.data_on == "disk" else self.perm  # disk: host indices
         for i in range(self.i, self.steps_per_epoch):
-            self.upcoming = self.perm[(i + 1) * B:(i + 2) * B][self.shard]  # read ahead (disk)
-            yield self.perm[i * B:(i + 1) * B]
+            ahead = perm[(i + 1) * B:(i + 2) * B] if i + 1 < self.steps_per_epoch else perm[:0]
+            self.upcoming = ahead[self.shard]  # the next batch, read ahead from disk
+            yield perm[i * B:(i + 1) * B]
 
     def step_done(self, loss, **stats):
         """After each step: epoch sums and the non-finite watch, on the device; every --log-every

@@ -495,9 +495,37 @@ def test_a_killed_or_truncated_preparation_continues_and_never_reads_half_a_stor
     assert "from image 8 on" in capsys.readouterr().err and torch.equal(x[0:20], ref)
     store = tmp_path / ".cache" / next(f for f in _stores(tmp_path) if f.startswith("store-train") and
                                        f.endswith(".u8"))
-    store.write_bytes(store.read_bytes()[: 3 * 8 * 8 * 9])  # a crash cut the file inside chunk 3
+    store.write_bytes(store.read_bytes()[: 3 * 8 * 8 * 9 + 5])  # a crash cut the file in image 10
     x = common.load_dataset("imagefolder", str(tmp_path), image_size=8, disk=True).pretrain_x
-    assert "from image 8 on" in capsys.readouterr().err and torch.equal(x[0:20], ref)
+    assert "from image 9 on" in capsys.readouterr().err and torch.equal(x[0:20], ref)
+    calls.clear()
+    monkeypatch.setattr(common, "_decode", lambda paths, size, chunk=64: calls.append(1) or decode(paths, size))
+    x = common.load_dataset("imagefolder", str(tmp_path), image_size=8, disk=True).pretrain_x
+    assert calls == [] and "preparing" not in capsys.readouterr().err  # complete: never decoded again
+    assert torch.equal(x[0:20], ref)
+
+
+def test_store_reads_subsets_slices_and_empty_batches_from_one_open_file(tmp_path):
+    _photos(tmp_path)
+    ref = common.load_dataset("imagefolder", str(tmp_path), image_size=8, disk=False).pretrain_x
+    x = common.load_dataset("imagefolder", str(tmp_path), image_size=8, disk=True).pretrain_x
+    fds = len(os.listdir("/proc/self/fd"))
+    subs = [x.take(torch.tensor([3, 1, 7])) for _ in range(50)]
+    assert len(os.listdir("/proc/self/fd")) == fds  # a subset shares the file
+    assert torch.equal(subs[0][0:3], ref[torch.tensor([3, 1, 7])]) and subs[0].shape == (3, 3, 8, 8)
+    assert torch.equal(x[2:9:3], ref[2:9:3]) and x[5:5].shape == (0, 3, 8, 8)
+    assert torch.equal(x[torch.tensor([], dtype=torch.long)], ref[:0])
+
+
+def test_a_read_only_folder_on_the_disk_path_is_one_line(tmp_path, monkeypatch):
+    _photos(tmp_path)
+
+    def read_only(*a, **k):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(common.os, "makedirs", read_only)
+    with pytest.raises(common.UsageError, match="Read-only file system.*writable copy") as e:
+        common.load_dataset("imagefolder", str(tmp_path), image_size=8, disk=True)
+    assert "\n" not in str(e.value)
 
 
 def test_a_changed_folder_gets_a_new_store_and_the_old_one_is_removed(tmp_path):
