@@ -46,8 +46,6 @@ class Args(common.RunArgs):
     """SGD learning rate per 256 images (scaled by batch-size / 256)"""
     head_lr: float = 1.0
     """the head's learning rate as a multiple of --lr (ours; at 1 its attention barely trains)"""
-    head_bn: bool = False
-    """BatchNorm1d on the head's input, centring the tokens over the batch (ours; README)"""
     momentum: float = 0.9
     """SGD momentum"""
     weight_decay: float = 5e-4
@@ -103,9 +101,9 @@ class Head(nn.Module):
     ffn: L blocks of Linear-BN-ReLU, then the MLP (the paper's depth-matched baseline).
     mlp: the MLP alone (SimCLR)."""
 
-    def __init__(self, kind, d, layers, heads, out, bn=False):
+    def __init__(self, kind, d, layers, heads, out):
         super().__init__()
-        self.kind, self.bn = kind, nn.BatchNorm1d(d) if bn else nn.Identity()
+        self.kind = kind
         ffn = lambda: nn.Sequential(nn.Linear(d, d), nn.BatchNorm1d(d), nn.ReLU(inplace=True))
         block = {"transformer": lambda: Block(d, heads), "ffn": ffn}.get(kind)
         self.blocks = nn.ModuleList(block() for _ in range(layers)) if block else nn.ModuleList()
@@ -113,7 +111,7 @@ class Head(nn.Module):
 
     def forward(self, h, need_weights=False):
         """h (N, D) -> z (N, out); need_weights: also the attention (L, N, N), mean over heads."""
-        maps, h = [], self.bn(h)  # --head-bn: tokens centred over the batch
+        maps = []
         for block in self.blocks:
             if self.kind == "transformer":
                 h, attn = block(h, need_weights)
@@ -128,8 +126,7 @@ class DeepFusion(nn.Module):
     def __init__(self, args, image_size):
         super().__init__()
         self.backbone, self.width = make_backbone(args.backbone, image_size, args.patch_size)
-        self.head = Head(args.head, self.width, args.head_layers, args.head_heads, args.proj_dim,
-                         args.head_bn)
+        self.head = Head(args.head, self.width, args.head_layers, args.head_heads, args.proj_dim)
 
     def forward(self, views):  # (2b, 3, S, S) this rank's views -> (2B, proj_dim) the global batch
         h = self.backbone(views.contiguous(memory_format=torch.channels_last))  # (2b, D)
