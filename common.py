@@ -605,8 +605,13 @@ class DiskImages:
         buf, per, rows = out.view(len(idx), -1).numpy(), 3 * self.size ** 2, self.rows[idx].tolist()
 
         def read(i):
-            if os.preadv(self.file.fileno(), [buf[i]], rows[i] * per) != per:
-                raise UsageError(f"the store {self.path} is shorter than it should be: delete it")
+            try:
+                short = os.preadv(self.file.fileno(), [buf[i]], rows[i] * per) != per
+            except OSError as e:  # EIO: a failing disk
+                raise UsageError(f"cannot read the store {self.path}: {e.strerror or e}") from None
+            if short:
+                raise UsageError(f"the store {self.path} is shorter than it should be (cut while "
+                                 "the run read it?); the next start prepares the rest again")
         for _ in self.readers.map(read, range(len(idx))):
             pass
         return out
@@ -1146,7 +1151,10 @@ class Run:
                               enabled=self.amp_dtype is not None)
 
     def images(self, idx, x=None):  # uint8 images x[idx] (default: the training set) on the device
-        out = batch(self.x if x is None else x, idx, self.device)
+        try:
+            out = batch(self.x if x is None else x, idx, self.device)
+        except UsageError as e:  # the disk store became unreadable during the run
+            fail(e, status=1, every_rank=True)
         if x is None and isinstance(self.x, DiskImages) and len(self.upcoming):
             self.x.prefetch(self.upcoming)  # the next batch, read while the device trains on this
         return out
@@ -1359,7 +1367,10 @@ class Run:
         """Backbone features (fp32) of the un-augmented labelled train and test images, in eval
         mode, under --amp: (train (n, D), test (m, D)). The last ones are kept for the probe."""
         ex = lambda x: extract(backbone, x, self.norm, self.device, self.amp_dtype)
-        self.feats = ex(self.train_x), ex(self.test_x)
+        try:
+            self.feats = ex(self.train_x), ex(self.test_x)
+        except UsageError as e:  # the disk store became unreadable during the run
+            fail(e, status=1, every_rank=True)
         return self.feats
 
     def report(self, epoch, feats, analysis):

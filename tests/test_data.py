@@ -515,6 +515,11 @@ def test_store_reads_subsets_slices_and_empty_batches_from_one_open_file(tmp_pat
     assert torch.equal(subs[0][0:3], ref[torch.tensor([3, 1, 7])]) and subs[0].shape == (3, 3, 8, 8)
     assert torch.equal(x[2:9:3], ref[2:9:3]) and x[5:5].shape == (0, 3, 8, 8)
     assert torch.equal(x[torch.tensor([], dtype=torch.long)], ref[:0])
+    store = next(p for p in (tmp_path / ".cache").iterdir() if p.name.startswith("store-train") and p.suffix == ".u8")
+    os.truncate(store, 3 * 8 * 8 * 5)  # cut under a running job: one line, not a traceback
+    with pytest.raises(common.UsageError, match="shorter than it should be") as e:
+        x[torch.tensor([2, 9])]
+    assert "\n" not in str(e.value)
 
 
 def test_a_read_only_folder_on_the_disk_path_is_one_line(tmp_path, monkeypatch):
