@@ -1,7 +1,7 @@
 """Speed and memory of the three method files, measured side by side in one run (run by hand).
 
     python tests/benchmark.py                       # CPU, batch 256, ResNet-18
-    python tests/benchmark.py --device cuda         # adds images/s and s/epoch with bf16 (+ --compile)
+    python tests/benchmark.py --device cuda --amp bf16   # adds images/s and s/epoch (eager, compiled)
     python tests/benchmark.py --backbone vit_small --image-size 224 --batch-size 16   # a ViT at 224 px
 
 Prints a table and writes benchmark.json. Every figure is a median over --repeats after a warm-up; the
@@ -12,7 +12,7 @@ two sides of a ratio are timed in turns, so a slow period of a shared machine sl
 2. step overhead: one full training step (augmentation, backbone, head, loss, backward, optimizer) over a
    backbone-only step (forward, trivial loss, backward, optimizer) on the same views, crop sizes and AMP;
 3. peak memory of the full step (CPU: peak RSS increase of a fresh process; CUDA: max_memory_allocated);
-4. CUDA only: training images per second and seconds per CIFAR-10 epoch, bf16, channels_last,
+4. CUDA only: training images per second and seconds per CIFAR-10 epoch (--amp), channels_last,
    without and with torch.compile;
 5. BAM's backbone step with its two resolutions (global crops at the image size, local crops at
    half of it, one backbone call each) against one call on the same crops all at the image size
@@ -70,6 +70,8 @@ class Bench:
     """autocast for the step figures (CPU default off, as the training scripts' --amp auto)"""
     steps: bool = True
     """measure step overhead, memory and CUDA throughput too (--no-steps: augmentation only, fast)"""
+    compile: bool = True
+    """CUDA throughput with torch.compile too, beside eager (--no-compile: eager only, faster)"""
     ema_teacher: bool = False
     """bam.py with --ema-teacher (its teacher embeds every crop, without gradient)"""
     memory_of: Optional[str] = None
@@ -269,7 +271,7 @@ if __name__ == "__main__":
     # 4. CUDA throughput (not measurable on a CPU-only machine)
     if device.type == "cuda" and bench.steps:
         for name in METHODS:
-            for compiled in (False, True):
+            for compiled in (False, True)[:1 + bench.compile]:
                 torch.manual_seed(0)
                 _, full_step, _, model = method_parts(name, method_args(name, bench.backbone), xb, stats, device)
                 if compiled:
@@ -295,6 +297,13 @@ if __name__ == "__main__":
               f"{bench.image_size} px {r['one_resolution_s']:.2f} s: {r['saving']:.2f}x")
     if device.type != "cuda":
         print("CUDA images/s and s/epoch: not measured (no CUDA device in this run)")
+    elif bench.steps:
+        print(f"{torch.cuda.get_device_name()}, amp {bench.amp}: images/s (s per 50,000-image epoch)")
+        for name, r in results["methods"].items():
+            print(f"  {name:12s}" + "".join(
+                f"  {key} {r[f'cuda_images_per_sec_{key}']:,.0f} "
+                f"({r[f'cuda_seconds_per_cifar10_epoch_{key}']:.1f} s)" for key in ("eager", "compiled")
+                if f"cuda_images_per_sec_{key}" in r))
     with open("benchmark.json", "w") as f:
         json.dump(results, f, indent=2)
     print("wrote benchmark.json")

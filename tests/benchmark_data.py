@@ -105,7 +105,7 @@ def peer_views(crops, mean, std):
     return lambda img: [t(img) for t in ts]
 
 
-def pipelines(root, workers, batch, steps, size):
+def pipelines(root, workers, batch, steps, size, device):
     """(d): rows of images/s, the peer against ours, for Deep Fusion's views and BAM's crops."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import bam
@@ -123,15 +123,16 @@ def pipelines(root, workers, batch, steps, size):
     rows.append(("(d) store reads (page cache)", f"{count / t_read:,.0f} img/s",
                  f"{count * x[0:1].nbytes / t_read / 1e9:.2f} GB/s, batches of {batch} in random order"))
     ba = bam.Args(num_local_crops=6, local_size=96)
+    u = lambda v, imgs, g, nu: torch.rand(v, len(imgs), nu, generator=g, device=imgs.device)
     recipes = {  # name: (peer crops, ours: uniforms (V, B, NU) -> augmented tensors)
         "2 x 224": ([(size, (0.08, 1.0), 0.5, 0.0)] * 2,
                     lambda imgs, g: [deepfusion.views_of(
-                        imgs, torch.rand(2, len(imgs), deepfusion.NU, generator=g),
+                        imgs, u(2, imgs, g, deepfusion.NU),
                         deepfusion.Args(), size)]),
         "2 x 224 + 6 x 96": ([(size, ba.global_scale, 1.0, 0.0), (size, ba.global_scale, 0.1, 0.2)]
                              + [(96, ba.local_scale, 0.5, 0.0)] * 6,
                              lambda imgs, g: bam.crops_of(
-                                 imgs, torch.rand(8, len(imgs), bam.NU, generator=g), ba, size))}
+                                 imgs, u(8, imgs, g, bam.NU), ba, size))}
     for name, (crops, augment) in recipes.items():
         loader = torch.utils.data.DataLoader(
             torchvision.datasets.ImageFolder(os.path.join(root, "train"),
@@ -151,17 +152,22 @@ def pipelines(root, workers, batch, steps, size):
                         break
             return count / (time.perf_counter() - t)
 
-        def ours(amp):
-            g, perm = torch.Generator().manual_seed(0), torch.randperm(n)
+        def ours(amp, dev=torch.device("cpu")):
+            g, perm = torch.Generator(dev).manual_seed(0), torch.randperm(n)
             idx = [perm[i * batch % (n - batch):][:batch] for i in range(steps + 1)]
+            m, s = mean.to(dev), std.to(dev)
+            x.pin = dev.type == "cuda"  # as common.place does for a CUDA run
+            sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
             t = time.perf_counter()
             for i in range(steps + 1):
                 if i == 1:
+                    sync()
                     t = time.perf_counter()  # after the first batch, as the peer's
                 if i < steps:
                     x.prefetch(idx[i + 1])  # Run.images reads the next batch ahead
-                with torch.autocast("cpu", torch.bfloat16, enabled=amp):
-                    views = [(v - mean) / std for v in augment(common.batch(x, idx[i], "cpu"), g)]
+                with torch.autocast(dev.type, torch.bfloat16, enabled=amp):
+                    views = [(v - m) / s for v in augment(common.batch(x, idx[i], dev), g)]
+            sync()
             return steps * batch / (time.perf_counter() - t)
 
         p = peer()
@@ -172,6 +178,10 @@ def pipelines(root, workers, batch, steps, size):
             o = ours(amp)
             rows.append((f"(d) {name}, ours ({'bf16' if amp else 'fp32'})",
                          f"{o / workers:,.1f} img/s/core", f"{o:,.1f} img/s, x{o / p:.2f}"))
+        if device.type == "cuda":  # the store read on the host, copied, augmented on the GPU
+            o = ours(True, device)
+            rows.append((f"(d) {name}, ours on {torch.cuda.get_device_name()} (bf16)", "",
+                         f"{o:,.1f} img/s, x{o / p:.2f}"))
     return rows
 
 
@@ -188,14 +198,13 @@ def main():
     p.add_argument("--n", type=int, default=5000, help="images to generate without --folder")
     p.add_argument("--synthetic-dir", help="where to generate them (kept; reused if complete)")
     p.add_argument("--size", type=int, default=32)
-    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--batch", type=int, help="default 512; 64 with --pipelines")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--pipelines", action="store_true", help="(d) only, on generated JPEGs")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="(d): processes, threads")
     p.add_argument("--steps", type=int, default=20, help="(d): batches timed per pipeline")
     args = p.parse_args()
-    if args.pipelines:
-        args.batch = min(args.batch, 64)
+    args.batch = args.batch or (64 if args.pipelines else 512)
 
     scratch = tempfile.mkdtemp(prefix="benchmark_data_")
     try:
@@ -219,7 +228,8 @@ def main():
         n = len(paths)
         rows = [("images", f"{n}", ""), ("CPU threads", f"{os.cpu_count()}", "")]
         if args.pipelines:
-            rows += pipelines(root, args.workers, args.batch, args.steps, args.size)
+            rows += pipelines(root, args.workers, args.batch, args.steps, args.size,
+                              torch.device(args.device))
             return show(rows)
 
         t_seq, ref = timed(lambda: sequential_decode(paths, args.size))
