@@ -15,7 +15,8 @@ views (Deep Fusion's) and of 2 x 224 + 6 x 96 crops (BAM's), images/s per CPU co
 pipeline (torchvision ImageFolder + PIL RandomResizedCrop, flip, jitter, grayscale, DINO's PIL
 blur and solarize, in a DataLoader with one worker process per core) against ours (the store of
 --data-on disk, read with read-ahead, the batched augmentation of the method file, with as many
-torch threads as the peer has workers), side by side.
+torch threads as the peer has workers), side by side. With --device cuda also ours feeding the
+GPU: the store read on the host, copied, augmented there under bf16 (the peer's ratio beside it).
 """
 
 import argparse
